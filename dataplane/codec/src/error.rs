@@ -1,4 +1,7 @@
 //! Codec errors. Every variant names the spec clause it enforces and maps to a reason code.
+//!
+//! Where the specification states a rule without a numbered conformance statement, the clause is the
+//! section number alone (`[MQTT-2.2.2.2]`) so the tag still points at the text being enforced.
 
 use crate::ReasonCode;
 
@@ -31,6 +34,25 @@ impl DecodeError {
             DecodeError::PacketTooLarge { .. } => "[MQTT-3.2.2-15]",
             DecodeError::Violation { clause, .. } => clause,
         }
+    }
+
+    /// A violation answered with `reason`.
+    pub fn violation(clause: &'static str, reason: ReasonCode, message: impl Into<String>) -> Self {
+        DecodeError::Violation {
+            clause,
+            message: message.into(),
+            reason,
+        }
+    }
+
+    /// A Malformed Packet (0x81) violation.
+    pub fn malformed(clause: &'static str, message: impl Into<String>) -> Self {
+        Self::violation(clause, ReasonCode::MALFORMED_PACKET, message)
+    }
+
+    /// A Protocol Error (0x82) violation.
+    pub fn protocol(clause: &'static str, message: impl Into<String>) -> Self {
+        Self::violation(clause, ReasonCode::PROTOCOL_ERROR, message)
     }
 }
 

@@ -14,6 +14,6 @@ mod encode;
 mod error;
 pub mod topic;
 
-pub use decode::{DecodeOptions, decode};
+pub use decode::{DecodeOptions, decode, peek_connect_protocol};
 pub use encode::{encode, encoded_len};
 pub use error::{DecodeError, EncodeError};
