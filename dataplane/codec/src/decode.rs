@@ -739,6 +739,12 @@ fn connack(r: &mut Reader, v5: bool) -> Result<ConnAck, DecodeError> {
         (reason, Properties::default())
     };
     r.finish("CONNACK")?;
+    if flags & 1 != 0 && code != 0 {
+        return Err(DecodeError::protocol(
+            "[MQTT-3.2.2-6]",
+            "session present set on a refused connection",
+        ));
+    }
     Ok(ConnAck {
         session_present: flags & 1 != 0,
         reason_code,
