@@ -16,6 +16,9 @@ use crate::{
 /// The largest value a Remaining Length can carry (four-byte Variable Byte Integer).
 pub(crate) const MAX_REMAINING_LENGTH: usize = 268_435_455;
 
+/// Most a single incomplete packet makes `decode` reserve ahead of the bytes actually received.
+const RESERVE_CAP: usize = 64 * 1024;
+
 /// Truncated content or trailing bytes: the Remaining Length disagrees with the packet's contents.
 const LENGTH_CLAUSE: &str = "[MQTT-2.1.4]";
 const VBI_CLAUSE: &str = "[MQTT-1.5.5-1]";
@@ -72,8 +75,9 @@ pub fn decode(buf: &mut BytesMut, opts: &DecodeOptions) -> Result<Option<Packet>
         });
     }
     if buf.len() < total {
-        // Let the next read land the rest of this packet without another reallocation.
-        buf.reserve(total - buf.len());
+        // Make room for the rest of this packet so the next read can land it, but never more than
+        // RESERVE_CAP at once: an announced length costs nothing to send, memory does.
+        buf.reserve((total - buf.len()).min(RESERVE_CAP));
         return Ok(None);
     }
 

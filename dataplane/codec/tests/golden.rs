@@ -663,3 +663,20 @@ fn remaining_length_multi_byte_boundaries() {
     assert_eq!(out.len(), encoded_len(&packet, V3));
     assert_eq!(decode(&mut out, &opts(Some(V3))), Ok(Some(packet)));
 }
+
+#[test]
+fn incomplete_huge_packet_reserves_bounded_memory() {
+    // A peer announcing a 256 MiB packet and sending nothing more must not make us allocate it.
+    let mut buf = BytesMut::from(&b"\x30\xff\xff\xff\x7f"[..]);
+    let o = DecodeOptions {
+        version: Some(V5),
+        ..DecodeOptions::default()
+    };
+    assert_eq!(decode(&mut buf, &o), Ok(None));
+    assert_eq!(&buf[..], b"\x30\xff\xff\xff\x7f");
+    assert!(
+        buf.capacity() < 1 << 20,
+        "reserved {} bytes",
+        buf.capacity()
+    );
+}
