@@ -1,0 +1,719 @@
+//! The running node: shared state (sessions, subscription index, retained messages, store,
+//! statistics), start-up (restore from the store, bind listeners and the admin endpoint) and
+//! graceful shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use meridian_codec::{Packet, Properties, Protocol, QoS};
+use meridian_net::{ListenerSpec, NetError, TlsFiles, Transport};
+use meridian_store::{Commit, FsyncPolicy, Op, RedbStore, SessionStore, StoreError};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Acl, AclAction, AuthFileError, PasswordFile};
+use crate::config::{BrokerConfig, FsyncMode};
+use crate::router::{Match, Router, SubOptions};
+use crate::session::{Action, Delivery, DropReason, Event, Msg, Session};
+use crate::sys::Stats;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: address already in use (change {flag})")]
+    Bind {
+        addr: SocketAddr,
+        flag: &'static str,
+    },
+    #[error("listener {url}: {source}")]
+    Listener { url: String, source: NetError },
+    #[error("admin endpoint {addr}: {source}")]
+    Admin { addr: SocketAddr, source: NetError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    AuthFile(#[from] AuthFileError),
+}
+
+/// Unix time in milliseconds (message expiry survives restarts, so it is wall-clock based).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The write side of one network connection: an outbox the writer task drains in one write.
+#[derive(Debug)]
+pub(crate) struct ConnOut {
+    pub(crate) protocol: Protocol,
+    pub(crate) buf: Mutex<BytesMut>,
+    pub(crate) notify: Notify,
+    pub(crate) closed: AtomicBool,
+    /// Set (with `kick`) to make the connection send DISCONNECT with this code and close.
+    pub(crate) kick_reason: AtomicU8,
+    pub(crate) kick: Notify,
+}
+
+impl ConnOut {
+    pub(crate) fn new(protocol: Protocol) -> ConnOut {
+        ConnOut {
+            protocol,
+            buf: Mutex::new(BytesMut::with_capacity(4096)),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            kick_reason: AtomicU8::new(0),
+            kick: Notify::new(),
+        }
+    }
+
+    /// Encode a packet into the outbox (the caller wakes the writer).
+    pub(crate) fn push(&self, p: &Packet) {
+        let mut b = self.buf.lock();
+        if let Err(e) = meridian_codec::encode(p, self.protocol, &mut b) {
+            tracing::warn!("cannot encode outbound packet: {e}");
+        }
+    }
+
+    pub(crate) fn send(&self, p: &Packet) {
+        self.push(p);
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn kick(&self, reason: u8) {
+        self.kick_reason.store(reason, Ordering::Release);
+        self.kick.notify_one();
+    }
+}
+
+pub(crate) struct SessionInner {
+    pub(crate) session: Session,
+    pub(crate) conn: Option<Arc<ConnOut>>,
+    pub(crate) generation: u64,
+}
+
+/// One session, shared between its connection task and every publisher that delivers to it.
+pub(crate) struct SessionHandle {
+    pub(crate) client_id: Arc<str>,
+    pub(crate) online: AtomicBool,
+    pub(crate) inner: Mutex<SessionInner>,
+}
+
+/// Router key: a session, compared by identity.
+#[derive(Clone)]
+pub(crate) struct SessionKey(pub(crate) Arc<SessionHandle>);
+
+impl PartialEq for SessionKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for SessionKey {}
+impl std::hash::Hash for SessionKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (Arc::as_ptr(&self.0) as usize).hash(state)
+    }
+}
+
+/// Stored session record (JSON: written on connect/subscribe/unsubscribe, not per message).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SessionRecord {
+    pub(crate) expiry: u32,
+    pub(crate) subs: Vec<SubRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SubRecord {
+    pub(crate) filter: String,
+    pub(crate) qos: u8,
+    pub(crate) nl: bool,
+    pub(crate) rap: bool,
+    pub(crate) rh: u8,
+    pub(crate) id: Option<u32>,
+}
+
+/// Everything the node's tasks share.
+pub(crate) struct Shared {
+    pub(crate) cfg: BrokerConfig,
+    pub(crate) router: RwLock<Router<SessionKey>>,
+    pub(crate) retained: RwLock<HashMap<String, Arc<Msg>>>,
+    pub(crate) sessions: Mutex<HashMap<Arc<str>, Arc<SessionHandle>>>,
+    pub(crate) store: Option<Arc<dyn SessionStore>>,
+    pub(crate) passwords: Option<PasswordFile>,
+    pub(crate) acl: Option<Acl>,
+    pub(crate) stats: Stats,
+    pub(crate) connections: AtomicUsize,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) started: Instant,
+}
+
+impl Shared {
+    pub(crate) fn new_session(&self, client_id: Arc<str>, expiry: u32) -> Arc<SessionHandle> {
+        let l = &self.cfg.limits;
+        Arc::new(SessionHandle {
+            client_id: client_id.clone(),
+            online: AtomicBool::new(false),
+            inner: Mutex::new(SessionInner {
+                session: Session::new(
+                    client_id,
+                    expiry,
+                    l.max_queued_messages,
+                    l.overflow_policy,
+                    l.receive_maximum,
+                ),
+                conn: None,
+                generation: 0,
+            }),
+        })
+    }
+
+    pub(crate) fn acl_allows(
+        &self,
+        action: AclAction,
+        client: &str,
+        user: Option<&str>,
+        t: &str,
+    ) -> bool {
+        self.acl
+            .as_ref()
+            .is_none_or(|a| a.check(action, client, user, t))
+    }
+
+    /// Run session actions while the caller holds the session lock: encode sends, submit store
+    /// writes (under the lock so a later delete can never overtake this put), collect drops.
+    pub(crate) fn apply(
+        &self,
+        client: &Arc<str>,
+        inner: &mut SessionInner,
+        actions: &mut Vec<Action>,
+        commits: &mut Vec<Commit>,
+        drops: &mut Vec<(Arc<str>, DropReason, String)>,
+    ) {
+        if actions.is_empty() {
+            return;
+        }
+        let mut ops = Vec::new();
+        let mut sent = false;
+        for a in actions.drain(..) {
+            match a {
+                Action::Send(p) => {
+                    if let Some(conn) = &inner.conn {
+                        let mut b = conn.buf.lock();
+                        if let Packet::Publish(pb) = &p {
+                            if pb.qos == QoS::AtMostOnce
+                                && b.len() > self.cfg.limits.max_outbound_buffer
+                            {
+                                drops.push((
+                                    client.clone(),
+                                    DropReason::SlowConsumer,
+                                    pb.topic.clone(),
+                                ));
+                                continue;
+                            }
+                            self.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Err(e) = meridian_codec::encode(&p, conn.protocol, &mut b) {
+                            tracing::warn!("cannot encode outbound packet: {e}");
+                        }
+                        sent = true;
+                    }
+                }
+                Action::Persist(op) => ops.push(op),
+                Action::Dropped { reason, topic } => drops.push((client.clone(), reason, topic)),
+            }
+        }
+        if sent && let Some(conn) = &inner.conn {
+            conn.notify.notify_one();
+        }
+        if !ops.is_empty()
+            && let Some(store) = &self.store
+        {
+            commits.push(store.submit(ops));
+        }
+    }
+
+    /// Deliver one message to one session.
+    pub(crate) fn deliver(
+        &self,
+        h: &SessionHandle,
+        d: Delivery,
+        now: u64,
+        commits: &mut Vec<Commit>,
+        drops: &mut Vec<(Arc<str>, DropReason, String)>,
+    ) {
+        let mut actions = Vec::new();
+        let mut inner = h.inner.lock();
+        inner.session.handle(Event::Deliver(d), now, &mut actions);
+        self.apply(&h.client_id, &mut inner, &mut actions, commits, drops);
+    }
+
+    /// Fan a message out to its subscribers; returns how many matched.
+    pub(crate) fn route(
+        &self,
+        msg: &Arc<Msg>,
+        publisher: Option<&SessionKey>,
+        commits: &mut Vec<Commit>,
+        matches: &mut Vec<Match<SessionKey>>,
+    ) -> usize {
+        {
+            let r = self.router.read();
+            r.matches(
+                &msg.topic,
+                publisher,
+                |k| k.0.online.load(Ordering::Relaxed),
+                matches,
+            );
+        }
+        let n = matches.len();
+        if n == 0 {
+            return 0;
+        }
+        let now = now_ms();
+        let mut drops = Vec::new();
+        for m in matches.drain(..) {
+            let d = Delivery {
+                msg: msg.clone(),
+                qos: m.qos.min(msg.qos),
+                // [MQTT-3.3.1-12]/[MQTT-3.3.1-13]: live messages keep RETAIN only with RAP.
+                retain: msg.retain && m.retain_as_published,
+                subscription_ids: m.subscription_ids,
+                shared: m.shared,
+            };
+            self.deliver(&m.key.0, d, now, commits, &mut drops);
+        }
+        self.report_drops(drops);
+        n
+    }
+
+    /// Count drops and publish `$SYS/events/message_dropped` (never for `$SYS` messages, which
+    /// would loop).
+    pub(crate) fn report_drops(&self, drops: Vec<(Arc<str>, DropReason, String)>) {
+        for (client, reason, topic) in drops {
+            self.stats.drop(reason);
+            if !topic.starts_with('$') {
+                tracing::debug!(client = %client, topic, reason = reason.as_str(), "message dropped");
+                self.event(
+                    "message_dropped",
+                    serde_json::json!({"client_id": &*client, "topic": topic, "reason": reason.as_str()}),
+                );
+            }
+        }
+    }
+
+    /// Publish a lifecycle event on `$SYS/events/{kind}`.
+    pub(crate) fn event(&self, kind: &str, body: serde_json::Value) {
+        let msg = Arc::new(Msg {
+            topic: format!("$SYS/events/{kind}"),
+            payload: Bytes::from(body.to_string()),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties {
+                payload_format_indicator: Some(1),
+                content_type: Some("application/json".into()),
+                ..Default::default()
+            },
+            expires_at: None,
+        });
+        let mut commits = Vec::new();
+        let mut matches = Vec::new();
+        self.route(&msg, None, &mut commits, &mut matches);
+    }
+
+    /// Set, replace or clear (empty payload) a retained message. Returns the store commit.
+    pub(crate) fn set_retained(&self, msg: &Arc<Msg>) -> Option<Commit> {
+        let persist = self.store.is_some() && !msg.topic.starts_with("$SYS");
+        let mut r = self.retained.write();
+        let op = if msg.payload.is_empty() {
+            r.remove(&msg.topic);
+            Op::DeleteRetained {
+                topic: msg.topic.clone(),
+            }
+        } else {
+            r.insert(msg.topic.clone(), msg.clone());
+            let d = Delivery {
+                msg: msg.clone(),
+                qos: msg.qos,
+                retain: true,
+                subscription_ids: vec![],
+                shared: None,
+            };
+            Op::PutRetained {
+                topic: msg.topic.clone(),
+                value: crate::session::encode_message(0, 0, &d),
+            }
+        };
+        if persist {
+            // Submitted under the lock so store order equals memory order.
+            self.store.as_ref().map(|s| s.submit(vec![op]))
+        } else {
+            None
+        }
+    }
+
+    /// The session record to store for a persistent session.
+    pub(crate) fn session_op(&self, s: &Session) -> Option<Op> {
+        if self.store.is_none() || !s.persistent() {
+            return None;
+        }
+        let rec = SessionRecord {
+            expiry: s.expiry_interval,
+            subs: s
+                .subscriptions
+                .iter()
+                .map(|(f, o)| SubRecord {
+                    filter: f.clone(),
+                    qos: o.qos as u8,
+                    nl: o.no_local,
+                    rap: o.retain_as_published,
+                    rh: o.retain_handling,
+                    id: o.subscription_id,
+                })
+                .collect(),
+        };
+        Some(Op::PutSession {
+            client: s.client_id.to_string(),
+            value: serde_json::to_vec(&rec).unwrap_or_default(),
+        })
+    }
+
+    /// End a session: drop its subscriptions, hand shared messages to other members, delete it
+    /// from the store. Only if `h` is still the registered session for its client id.
+    pub(crate) fn end_session(&self, h: &Arc<SessionHandle>) {
+        {
+            let mut sessions = self.sessions.lock();
+            match sessions.get(&h.client_id) {
+                Some(cur) if Arc::ptr_eq(cur, h) => {
+                    sessions.remove(&h.client_id);
+                }
+                _ => return,
+            }
+        }
+        let (filters, shared_msgs) = {
+            let mut inner = h.inner.lock();
+            let filters: Vec<String> = inner
+                .session
+                .subscriptions
+                .drain()
+                .map(|(f, _)| f)
+                .collect();
+            let mut actions = Vec::new();
+            let taken = inner.session.take_shared(None, &mut actions);
+            (filters, taken)
+        };
+        let key = SessionKey(h.clone());
+        {
+            let mut r = self.router.write();
+            for f in &filters {
+                r.unsubscribe(&key, f);
+            }
+        }
+        self.redeliver_shared(&key, shared_msgs);
+        if let Some(store) = &self.store {
+            drop(store.submit(vec![Op::DeleteSession {
+                client: h.client_id.to_string(),
+            }]));
+        }
+    }
+
+    /// Give messages a leaving shared-subscription member held to another member.
+    pub(crate) fn redeliver_shared(&self, from: &SessionKey, msgs: Vec<Delivery>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let mut commits = Vec::new();
+        let mut drops = Vec::new();
+        for mut d in msgs {
+            let Some(filter) = d.shared.clone() else {
+                continue;
+            };
+            let target = self
+                .router
+                .read()
+                .pick_shared(&filter, from, |k| k.0.online.load(Ordering::Relaxed));
+            if let Some((key, opts)) = target {
+                d.qos = d.msg.qos.min(opts.qos);
+                d.subscription_ids = opts.subscription_id.into_iter().collect();
+                self.deliver(&key.0, d, now, &mut commits, &mut drops);
+            } else {
+                drops.push((
+                    from.0.client_id.clone(),
+                    DropReason::QueueFull,
+                    d.msg.topic.clone(),
+                ));
+            }
+        }
+        self.report_drops(drops);
+    }
+
+    /// Rebuild sessions, subscriptions, queued messages and retained messages from the store.
+    fn restore(&self) -> Result<(), StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let snap = store.load()?;
+        let max = u32::MAX;
+        {
+            let mut r = self.retained.write();
+            for (topic, value) in &snap.retained {
+                if let Some((_, _, d)) = crate::session::decode_message(value, max) {
+                    r.insert(topic.clone(), d.msg);
+                }
+            }
+        }
+        let mut sessions = self.sessions.lock();
+        let mut router = self.router.write();
+        for (client, value) in &snap.sessions {
+            let Ok(rec) = serde_json::from_slice::<SessionRecord>(value) else {
+                tracing::warn!(client, "skipping unreadable session record");
+                continue;
+            };
+            let id: Arc<str> = client.as_str().into();
+            let h = self.new_session(id.clone(), rec.expiry);
+            {
+                let mut inner = h.inner.lock();
+                for s in rec.subs {
+                    let opts = SubOptions {
+                        qos: QoS::from_u8(s.qos).unwrap_or_default(),
+                        no_local: s.nl,
+                        retain_as_published: s.rap,
+                        retain_handling: s.rh,
+                        subscription_id: s.id,
+                    };
+                    router.subscribe(SessionKey(h.clone()), &s.filter, opts);
+                    inner.session.subscriptions.insert(s.filter, opts);
+                }
+                for (seq, v) in snap.messages.get(client).into_iter().flatten() {
+                    inner.session.restore_message(*seq, v, max);
+                }
+                for pid in snap.inbound_qos2.get(client).into_iter().flatten() {
+                    inner.session.restore_inbound_qos2(*pid);
+                }
+            }
+            sessions.insert(id, h);
+        }
+        tracing::info!(
+            sessions = sessions.len(),
+            retained = snap.retained.len(),
+            "restored state from the store"
+        );
+        Ok(())
+    }
+
+    /// Expire restored sessions that nobody resumes (timers start at restore time).
+    fn schedule_restored_expiry(self: &Arc<Self>) {
+        let handles: Vec<Arc<SessionHandle>> = self.sessions.lock().values().cloned().collect();
+        for h in handles {
+            let expiry = h.inner.lock().session.expiry_interval;
+            crate::conn::schedule_expiry(self, &h, 0, expiry);
+        }
+    }
+}
+
+/// Start-up entry point.
+pub struct Broker;
+
+/// A started node.
+pub struct RunningBroker {
+    shared: Arc<Shared>,
+    listeners: Vec<(Transport, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Broker {
+    /// Open the store, restore state, bind every listener and the admin endpoint, start serving.
+    pub async fn start(cfg: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+        meridian_net::install_crypto_provider();
+        let store: Option<Arc<dyn SessionStore>> = match &cfg.data_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                    path: dir.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                let policy = match cfg.fsync {
+                    FsyncMode::Always => FsyncPolicy::Always,
+                    FsyncMode::Periodic => FsyncPolicy::Periodic(cfg.fsync_interval()),
+                };
+                Some(Arc::new(RedbStore::open(dir, policy)?))
+            }
+            None => None,
+        };
+        let passwords = cfg
+            .password_file
+            .as_deref()
+            .map(PasswordFile::load)
+            .transpose()?;
+        let acl = cfg.acl_file.as_deref().map(Acl::load).transpose()?;
+
+        let mut bound = Vec::new();
+        for l in &cfg.listeners {
+            let tls = match (&l.tls_cert, &l.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: l.client_ca.clone(),
+                }),
+                _ => None,
+            };
+            let spec =
+                ListenerSpec::parse(&l.url, tls).map_err(|source| BrokerError::Listener {
+                    url: l.url.clone(),
+                    source,
+                })?;
+            let listener =
+                meridian_net::Listener::bind(&spec)
+                    .await
+                    .map_err(|source| match source {
+                        NetError::AddrInUse { addr } => BrokerError::Bind {
+                            addr,
+                            flag: "--listen",
+                        },
+                        source => BrokerError::Listener {
+                            url: l.url.clone(),
+                            source,
+                        },
+                    })?;
+            bound.push(listener);
+        }
+        let admin_listener = match cfg.admin {
+            Some(addr) => Some(meridian_net::admin::bind(addr).await.map_err(
+                |source| match source {
+                    NetError::AddrInUse { addr } => BrokerError::Bind {
+                        addr,
+                        flag: "--admin",
+                    },
+                    source => BrokerError::Admin { addr, source },
+                },
+            )?),
+            None => None,
+        };
+
+        let shared = Arc::new(Shared {
+            router: RwLock::new(Router::new()),
+            retained: RwLock::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            store,
+            passwords,
+            acl,
+            stats: Stats::default(),
+            connections: AtomicUsize::new(0),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            started: Instant::now(),
+            cfg,
+        });
+        shared.restore()?;
+        shared.schedule_restored_expiry();
+
+        let listeners: Vec<(Transport, SocketAddr)> = bound
+            .iter()
+            .map(|l| (l.spec().transport, l.local_addr()))
+            .collect();
+        for mut listener in bound {
+            let shared2 = shared.clone();
+            shared.tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shared2.cancel.cancelled() => break,
+                        r = listener.accept() => match r {
+                            Ok(acc) => {
+                                let s = shared2.clone();
+                                shared2.tracker.spawn(crate::conn::serve(s, acc));
+                            }
+                            Err(e) => {
+                                tracing::warn!("accept failed: {e}");
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut admin = None;
+        if let Some(l) = admin_listener {
+            admin = l.local_addr().ok();
+            let render = crate::sys::metrics_renderer(shared.clone());
+            let ready2 = ready.clone();
+            let cancel = shared.cancel.clone();
+            shared.tracker.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    r = meridian_net::admin::serve(l, render, ready2) => {
+                        if let Err(e) = r { tracing::warn!("admin endpoint stopped: {e}"); }
+                    }
+                }
+            });
+        }
+        crate::sys::spawn_publisher(&shared);
+        ready.store(true, Ordering::Release);
+        Ok(RunningBroker {
+            shared,
+            listeners,
+            admin,
+            ready,
+        })
+    }
+}
+
+impl RunningBroker {
+    /// Every MQTT listener's transport and bound address (port 0 resolved).
+    pub fn listener_addrs(&self) -> Vec<(Transport, SocketAddr)> {
+        self.listeners.clone()
+    }
+
+    /// The first listener of a transport.
+    pub fn addr(&self, transport: Transport) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(t, _)| *t == transport)
+            .map(|(_, a)| *a)
+    }
+
+    /// The admin endpoint's bound address, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// Prometheus text of the node's metrics (what `/metrics` serves).
+    pub fn render_metrics(&self) -> String {
+        (crate::sys::metrics_renderer(self.shared.clone()))()
+    }
+
+    /// Counts of messages dropped so far, by reason (`queue_full`, `expired`, ...).
+    pub fn dropped_messages(&self) -> Vec<(&'static str, u64)> {
+        self.shared.stats.drops()
+    }
+
+    /// Stop accepting, disconnect clients with 0x8B (Server shutting down), wait for every task
+    /// and flush the store.
+    pub async fn shutdown(self) {
+        self.ready.store(false, Ordering::Release);
+        self.shared.cancel.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not stop within 5 s");
+        }
+        if let Some(store) = &self.shared.store
+            && let Err(e) = store.flush().await
+        {
+            tracing::error!("store flush on shutdown failed: {e}");
+        }
+        // Sessions reference no `Shared`, so dropping the last `Arc` here closes the store.
+        self.shared.sessions.lock().clear();
+        *self.shared.router.write() = Router::new();
+    }
+}

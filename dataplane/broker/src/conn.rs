@@ -1,0 +1,1172 @@
+//! One client connection: CONNECT handling, the read loop, the writer task, wills and session
+//! expiry timers.
+//!
+//! Each connection is two tasks. The reader decodes packets from a reused `BytesMut`, runs them
+//! against the session and the router, and keeps a queue of acknowledgements waiting for store
+//! commits (acks go out in arrival order, [MQTT-4.6.0-2]). While that queue is full it stops
+//! reading the socket: backpressure instead of ack-and-drop. The writer task owns the socket's
+//! write half and writes everything that accumulated in the connection's outbox in one call, so
+//! a burst of deliveries costs one syscall.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use meridian_codec::{
+    ConnAck, DecodeError, DecodeOptions, Disconnect, Packet, Properties, Protocol, PubResponse,
+    Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+};
+use meridian_net::Accepted;
+use meridian_store::{Commit, Op};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use crate::auth::AclAction;
+use crate::broker::{ConnOut, SessionHandle, SessionKey, Shared, now_ms};
+use crate::router::{Match, SubOptions, split_shared};
+use crate::session::{ClientLimits, Delivery, DropReason, Event, Inbound, Msg};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Stream = Box<dyn meridian_net::ByteStream>;
+type AckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = PendingAck> + Send>>;
+
+/// An acknowledgement waiting for its store commits.
+struct PendingAck {
+    packet: Packet,
+    qos1: bool,
+    ok: bool,
+}
+
+/// Why the read loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT 0x00 from the client: no will.
+    Normal,
+    /// DISCONNECT 0x04 from the client, or any abnormal end: the will is published.
+    WithWill,
+    /// Another connection took the session over.
+    TakenOver,
+}
+
+fn reason_text(code: ReasonCode) -> &'static str {
+    match code.0 {
+        0x81 => "malformed packet",
+        0x82 => "protocol error",
+        0x87 => "not authorized",
+        0x8B => "server shutting down",
+        0x8D => "keep alive timeout",
+        0x8E => "session taken over",
+        0x90 => "topic name invalid",
+        0x93 => "receive maximum exceeded",
+        0x94 => "topic alias invalid",
+        0x95 => "packet too large",
+        0x96 => "message rate too high",
+        0x97 => "quota exceeded",
+        _ => "error",
+    }
+}
+
+/// Peek the protocol level of a CONNECT at the front of `buf` (to answer errors in its version).
+fn peek_connect_level(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut i = 1;
+    while *buf.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    // fixed header, then 0x00 0x04 "MQTT" level
+    buf.get(i + 1 + 6).copied()
+}
+
+async fn refuse(wr: &mut WriteHalf<Stream>, protocol: Protocol, code: ReasonCode) {
+    let mut buf = BytesMut::new();
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        reason_code: code,
+        properties: Properties::default(),
+    });
+    if meridian_codec::encode(&ack, protocol, &mut buf).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), wr.write_all(&buf)).await;
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Serve one accepted connection to its end.
+pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
+    let Accepted {
+        stream,
+        peer,
+        transport,
+        ..
+    } = acc;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(8192);
+    let limits = &shared.cfg.limits;
+    let mut opts = DecodeOptions {
+        version: None,
+        max_packet_size: limits.max_packet_size,
+        topic_alias_maximum: limits.topic_alias_maximum,
+    };
+
+    // 1. The first packet must be CONNECT ([MQTT-3.1.0-1]).
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match meridian_codec::decode(&mut rbuf, &opts) {
+                Ok(Some(p)) => return Ok(Some(p)),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            match rd.read_buf(&mut rbuf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(n) => {
+                    shared
+                        .stats
+                        .bytes_received
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    })
+    .await;
+    let connect = match first {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Err(e)) => {
+            answer_connect_error(&mut wr, &rbuf, &e).await;
+            return;
+        }
+        _ => {
+            let _ = wr.shutdown().await;
+            return;
+        }
+    };
+    let protocol = connect.protocol;
+    opts.version = Some(protocol);
+
+    // 2. Admission: connection quota, authentication, client identifier.
+    let current = shared.connections.fetch_add(1, Ordering::AcqRel);
+    let _guard = ConnCount(shared.clone());
+    if current >= limits.max_connections {
+        shared
+            .stats
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        refuse(&mut wr, protocol, ReasonCode::QUOTA_EXCEEDED).await;
+        return;
+    }
+    if connect.properties.authentication_method.is_some() {
+        refuse(&mut wr, protocol, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
+        return;
+    }
+    if let Some(pw) = &shared.passwords {
+        let ok = match &connect.username {
+            Some(u) => {
+                pw.verify(u, connect.password.as_deref().unwrap_or_default())
+                    .await
+            }
+            None => shared.cfg.allow_anonymous,
+        };
+        if !ok {
+            shared
+                .stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let code = if connect.username.is_some() {
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD
+            } else {
+                ReasonCode::NOT_AUTHORIZED
+            };
+            refuse(&mut wr, protocol, code).await;
+            return;
+        }
+    }
+    let mut assigned = None;
+    let client_id: Arc<str> = if connect.client_id.is_empty() {
+        if protocol == Protocol::V311 && !connect.clean_start {
+            // [MQTT-3.1.3-8]: empty id with clean session 0 → return code 2.
+            refuse(&mut wr, protocol, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
+            return;
+        }
+        let id = format!("meridian-{}", uuid::Uuid::new_v4().simple());
+        if protocol == Protocol::V5 {
+            assigned = Some(id.clone());
+        }
+        id.into()
+    } else {
+        connect.client_id.as_str().into()
+    };
+
+    // 3. Session expiry and keep alive.
+    let requested_expiry = match protocol {
+        Protocol::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
+        Protocol::V311 => {
+            if connect.clean_start {
+                0
+            } else {
+                u32::MAX
+            }
+        }
+    };
+    let expiry = requested_expiry.min(limits.session_expiry_max);
+    let mut keep_alive = connect.keep_alive;
+    let mut server_keep_alive = None;
+    let max_ka = limits.server_keep_alive_max;
+    if max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
+        keep_alive = max_ka;
+        server_keep_alive = Some(max_ka);
+    }
+
+    // 4. Attach to (or create) the session; kick a connection that holds it.
+    let out = Arc::new(ConnOut::new(protocol));
+    let (handle, session_present, generation) =
+        attach(&shared, &client_id, connect.clean_start, expiry);
+
+    let mut props = Properties::default();
+    if protocol == Protocol::V5 {
+        props.receive_maximum = Some(limits.receive_maximum);
+        props.maximum_packet_size = Some(limits.max_packet_size);
+        props.topic_alias_maximum = Some(limits.topic_alias_maximum);
+        props.retain_available = Some(1);
+        props.wildcard_subscription_available = Some(1);
+        props.subscription_identifiers_available = Some(1);
+        props.shared_subscription_available = Some(1);
+        props.assigned_client_identifier = assigned;
+        props.server_keep_alive = server_keep_alive;
+        if expiry != requested_expiry {
+            props.session_expiry_interval = Some(expiry);
+        }
+        if connect.properties.request_response_information == Some(1) {
+            props.response_information = Some(format!("response/{client_id}"));
+        }
+    }
+    out.push(&Packet::ConnAck(ConnAck {
+        session_present,
+        reason_code: ReasonCode::SUCCESS,
+        properties: props,
+    }));
+    let client_limits = ClientLimits {
+        protocol,
+        receive_maximum: match protocol {
+            Protocol::V5 => connect.properties.receive_maximum.unwrap_or(u16::MAX),
+            Protocol::V311 => limits.receive_maximum,
+        },
+        maximum_packet_size: connect.properties.maximum_packet_size.unwrap_or(0),
+        topic_alias_maximum: connect
+            .properties
+            .topic_alias_maximum
+            .unwrap_or(0)
+            .min(limits.outbound_topic_aliases),
+    };
+    {
+        let mut commits = Vec::new();
+        let mut drops = Vec::new();
+        let mut actions = Vec::new();
+        let mut inner = handle.inner.lock();
+        if inner.generation == generation {
+            inner.conn = Some(out.clone());
+            handle.online.store(true, Ordering::Relaxed);
+            inner
+                .session
+                .handle(Event::Connected(client_limits), now_ms(), &mut actions);
+            shared.apply(
+                &client_id,
+                &mut inner,
+                &mut actions,
+                &mut commits,
+                &mut drops,
+            );
+        }
+        drop(inner);
+        shared.report_drops(drops);
+    }
+    out.notify.notify_one();
+    shared.stats.connected.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    shared.event(
+        "connected",
+        serde_json::json!({
+            "client_id": &*client_id, "username": connect.username, "protocol": protocol.level(),
+            "transport": format!("{transport:?}").to_lowercase(), "peer": peer.to_string(),
+            "clean_start": connect.clean_start, "session_present": session_present,
+        }),
+    );
+    tracing::debug!(client = %client_id, %peer, "connected");
+
+    let writer = shared
+        .tracker
+        .spawn(writer(wr, out.clone(), shared.clone()));
+    let mut conn = Conn {
+        shared: shared.clone(),
+        key: SessionKey(handle.clone()),
+        handle: handle.clone(),
+        out: out.clone(),
+        protocol,
+        client_id: client_id.clone(),
+        username: connect.username.clone(),
+        will: connect.will.clone(),
+        pending: FuturesOrdered::new(),
+        matches: Vec::new(),
+        rate_window: tokio::time::Instant::now(),
+        rate_count: 0,
+    };
+    let (end, reason) = conn.run(&mut rd, &mut rbuf, opts, keep_alive).await;
+
+    // 5. Tear down: final DISCONNECT, writer drains, session detaches, will and expiry.
+    if protocol == Protocol::V5
+        && let Some(code) = reason
+    {
+        out.push(&Packet::Disconnect(Disconnect {
+            reason_code: code,
+            properties: Properties {
+                reason_string: Some(reason_text(code).to_string()),
+                ..Default::default()
+            },
+        }));
+    }
+    out.closed.store(true, Ordering::Release);
+    out.notify.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+    let code = reason.unwrap_or(match end {
+        End::Normal => ReasonCode::SUCCESS,
+        _ => ReasonCode::UNSPECIFIED_ERROR,
+    });
+    shared.event(
+        "disconnected",
+        serde_json::json!({"client_id": &*client_id, "reason_code": code.0,
+            "reason": if reason.is_some() { reason_text(code) } else if end == End::Normal { "normal" } else { "connection closed" }}),
+    );
+    let will = conn.will.take();
+    detach(&shared, &handle, &out, generation, end, will, &conn);
+}
+
+struct ConnCount(Arc<Shared>);
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn answer_connect_error(wr: &mut WriteHalf<Stream>, rbuf: &[u8], e: &DecodeError) {
+    tracing::debug!("refusing connection: {e}");
+    match peek_connect_level(rbuf) {
+        Some(5) => refuse(wr, Protocol::V5, e.reason_code()).await,
+        Some(_)
+            if matches!(
+                e.reason_code(),
+                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION | ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
+            ) =>
+        {
+            refuse(wr, Protocol::V311, e.reason_code()).await
+        }
+        _ => {
+            let _ = wr.shutdown().await;
+        }
+    }
+}
+
+/// Find or create the session for a CONNECT. Returns (handle, session present, generation).
+fn attach(
+    shared: &Arc<Shared>,
+    client_id: &Arc<str>,
+    clean_start: bool,
+    expiry: u32,
+) -> (Arc<SessionHandle>, bool, u64) {
+    let mut old_to_end = None;
+    let result = {
+        let mut sessions = shared.sessions.lock();
+        let existing = sessions.get(client_id).cloned();
+        match existing {
+            Some(h) if !clean_start => {
+                let mut inner = h.inner.lock();
+                if let Some(old) = inner.conn.take() {
+                    old.kick(ReasonCode::SESSION_TAKEN_OVER.0);
+                }
+                h.online.store(false, Ordering::Relaxed);
+                inner.generation += 1;
+                inner.session.expiry_interval = expiry;
+                let g = inner.generation;
+                drop(inner);
+                (h, true, g)
+            }
+            other => {
+                if let Some(h) = other {
+                    let mut inner = h.inner.lock();
+                    if let Some(old) = inner.conn.take() {
+                        old.kick(ReasonCode::SESSION_TAKEN_OVER.0);
+                    }
+                    inner.generation += 1;
+                    h.online.store(false, Ordering::Relaxed);
+                    drop(inner);
+                    old_to_end = Some(h);
+                }
+                let h = shared.new_session(client_id.clone(), expiry);
+                sessions.insert(client_id.clone(), h.clone());
+                (h, false, 0)
+            }
+        }
+    };
+    if let Some(old) = old_to_end {
+        end_replaced_session(shared, &old);
+    }
+    // Persist the session record (expiry may have changed).
+    let op = shared.session_op(&result.0.inner.lock().session);
+    if let (Some(op), Some(store)) = (op, &shared.store) {
+        drop(store.submit(vec![op]));
+    }
+    (result.0, result.1, result.2)
+}
+
+/// A clean start replaced a session: unsubscribe it and hand its shared messages on. The store
+/// record is overwritten by the new session (or deleted when the new one is not persistent).
+fn end_replaced_session(shared: &Arc<Shared>, old: &Arc<SessionHandle>) {
+    let (filters, taken) = {
+        let mut inner = old.inner.lock();
+        let filters: Vec<String> = inner
+            .session
+            .subscriptions
+            .drain()
+            .map(|(f, _)| f)
+            .collect();
+        let mut actions = Vec::new();
+        let taken = inner.session.take_shared(None, &mut actions);
+        (filters, taken)
+    };
+    let key = SessionKey(old.clone());
+    {
+        let mut r = shared.router.write();
+        for f in &filters {
+            r.unsubscribe(&key, f);
+        }
+    }
+    shared.redeliver_shared(&key, taken);
+    if let Some(store) = &shared.store {
+        drop(store.submit(vec![Op::DeleteSession {
+            client: old.client_id.to_string(),
+        }]));
+    }
+}
+
+fn detach(
+    shared: &Arc<Shared>,
+    handle: &Arc<SessionHandle>,
+    out: &Arc<ConnOut>,
+    generation: u64,
+    end: End,
+    will: Option<Will>,
+    conn: &Conn,
+) {
+    let (still_ours, expiry, shared_msgs) = {
+        let mut inner = handle.inner.lock();
+        let ours = inner.generation == generation
+            && inner.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, out));
+        let mut taken = Vec::new();
+        if ours {
+            inner.conn = None;
+            handle.online.store(false, Ordering::Relaxed);
+            let mut actions = Vec::new();
+            inner
+                .session
+                .handle(Event::Disconnected, now_ms(), &mut actions);
+            // A leaving shared-subscription member hands its unacknowledged messages on.
+            let mut a2 = Vec::new();
+            taken = inner.session.take_shared(None, &mut a2);
+            let mut commits = Vec::new();
+            let mut drops = Vec::new();
+            a2.extend(actions);
+            shared.apply(
+                &handle.client_id,
+                &mut inner,
+                &mut a2,
+                &mut commits,
+                &mut drops,
+            );
+        }
+        (ours, inner.session.expiry_interval, taken)
+    };
+    shared.redeliver_shared(&SessionKey(handle.clone()), shared_msgs);
+
+    if let Some(will) = will
+        && end != End::Normal
+    {
+        let delay = will.properties.will_delay_interval.unwrap_or(0);
+        let session_ends_now = still_ours && expiry == 0;
+        if delay == 0 || session_ends_now {
+            publish_will(shared, &conn.client_id, conn.username.as_deref(), will);
+        } else {
+            // Sent at the earlier of the delay and the session's end, unless the session is
+            // resumed first (the generation changes).
+            let wait = delay.min(expiry);
+            let s = shared.clone();
+            let h = handle.clone();
+            let client = conn.client_id.clone();
+            let user = conn.username.clone();
+            let gen_now = handle.inner.lock().generation;
+            shared.tracker.spawn(async move {
+                tokio::select! {
+                    _ = s.cancel.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(u64::from(wait))) => {
+                        let resumed = {
+                            let inner = h.inner.lock();
+                            inner.generation != gen_now || inner.conn.is_some()
+                        };
+                        if !resumed {
+                            publish_will(&s, &client, user.as_deref(), will);
+                        }
+                    }
+                }
+            });
+        }
+    }
+    if still_ours {
+        if expiry == 0 {
+            shared.end_session(handle);
+        } else {
+            schedule_expiry(shared, handle, generation, expiry);
+        }
+    }
+}
+
+/// End a disconnected session after `expiry` seconds unless it is resumed first.
+pub(crate) fn schedule_expiry(
+    shared: &Arc<Shared>,
+    handle: &Arc<SessionHandle>,
+    generation: u64,
+    expiry: u32,
+) {
+    if expiry == u32::MAX {
+        return;
+    }
+    let s = shared.clone();
+    let h = handle.clone();
+    shared.tracker.spawn(async move {
+        tokio::select! {
+            _ = s.cancel.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(u64::from(expiry))) => {
+                let idle = {
+                    let inner = h.inner.lock();
+                    inner.generation == generation && inner.conn.is_none()
+                };
+                if idle {
+                    s.end_session(&h);
+                    s.event("session_expired", serde_json::json!({"client_id": &*h.client_id}));
+                }
+            }
+        }
+    });
+}
+
+fn publish_will(shared: &Arc<Shared>, client: &Arc<str>, user: Option<&str>, will: Will) {
+    if !shared.acl_allows(AclAction::Publish, client, user, &will.topic) {
+        shared.report_drops(vec![(
+            client.clone(),
+            DropReason::NotAuthorized,
+            will.topic.clone(),
+        )]);
+        return;
+    }
+    let mut properties = will.properties;
+    properties.will_delay_interval = None;
+    let p = Publish {
+        dup: false,
+        qos: will.qos,
+        retain: will.retain,
+        topic: will.topic,
+        packet_id: 0,
+        payload: will.payload,
+        properties,
+    };
+    let msg = Arc::new(Msg::from_publish(p, now_ms()));
+    if msg.retain {
+        drop(shared.set_retained(&msg));
+    }
+    let mut commits = Vec::new();
+    let mut matches = Vec::new();
+    shared.route(&msg, None, &mut commits, &mut matches);
+    // Commits complete on their own; nobody awaits an acknowledgement for a will.
+    for c in commits {
+        tokio::spawn(c);
+    }
+}
+
+async fn writer(mut wr: WriteHalf<Stream>, out: Arc<ConnOut>, shared: Arc<Shared>) {
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        {
+            let mut b = out.buf.lock();
+            std::mem::swap(&mut *b, &mut wbuf);
+        }
+        if wbuf.is_empty() {
+            if out.closed.load(Ordering::Acquire) {
+                break;
+            }
+            out.notify.notified().await;
+            continue;
+        }
+        if wr.write_all(&wbuf).await.is_err() {
+            out.closed.store(true, Ordering::Release);
+            out.kick(0);
+            break;
+        }
+        shared
+            .stats
+            .bytes_sent
+            .fetch_add(wbuf.len() as u64, Ordering::Relaxed);
+        wbuf.clear();
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    key: SessionKey,
+    handle: Arc<SessionHandle>,
+    out: Arc<ConnOut>,
+    protocol: Protocol,
+    client_id: Arc<str>,
+    username: Option<String>,
+    will: Option<Will>,
+    pending: FuturesOrdered<AckFuture>,
+    matches: Vec<Match<SessionKey>>,
+    rate_window: tokio::time::Instant,
+    rate_count: u32,
+}
+
+type Flow = Result<(), (End, Option<ReasonCode>)>;
+
+fn violation(code: ReasonCode) -> Flow {
+    Err((End::WithWill, Some(code)))
+}
+
+impl Conn {
+    /// The read loop. Returns how it ended and the DISCONNECT reason to send (v5), if any.
+    async fn run(
+        &mut self,
+        rd: &mut ReadHalf<Stream>,
+        rbuf: &mut BytesMut,
+        opts: DecodeOptions,
+        keep_alive: u16,
+    ) -> (End, Option<ReasonCode>) {
+        let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(86400)));
+        tokio::pin!(sleep);
+        let max_pending = usize::from(self.shared.cfg.limits.receive_maximum).max(1);
+        loop {
+            // Decode whatever is buffered, unless acks are backed up (then stop reading).
+            while self.pending.len() < max_pending {
+                match meridian_codec::decode(rbuf, &opts) {
+                    Ok(Some(p)) => {
+                        if let Err(e) = self.on_packet(p) {
+                            return e;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(client = %self.client_id, "decode error: {e}");
+                        return (End::WithWill, Some(e.reason_code()));
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.cancel.cancelled() => {
+                    return (End::WithWill, Some(ReasonCode::SERVER_SHUTTING_DOWN));
+                }
+                _ = self.out.kick.notified() => {
+                    let r = self.out.kick_reason.load(Ordering::Acquire);
+                    if r == ReasonCode::SESSION_TAKEN_OVER.0 {
+                        return (End::TakenOver, Some(ReasonCode::SESSION_TAKEN_OVER));
+                    }
+                    return (End::WithWill, None);
+                }
+                Some(ack) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.finish_ack(ack);
+                }
+                r = rd.read_buf(rbuf), if self.pending.len() < max_pending => {
+                    match r {
+                        Ok(0) | Err(_) => return (End::WithWill, None),
+                        Ok(n) => {
+                            self.shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                            if let Some(ka) = ka {
+                                sleep.as_mut().reset(tokio::time::Instant::now() + ka);
+                            }
+                        }
+                    }
+                }
+                _ = &mut sleep, if ka.is_some() => {
+                    return (End::WithWill, Some(ReasonCode::KEEP_ALIVE_TIMEOUT));
+                }
+            }
+        }
+    }
+
+    fn finish_ack(&mut self, ack: PendingAck) {
+        let mut packet = ack.packet;
+        if !ack.ok
+            && let Packet::PubAck(r) | Packet::PubRec(r) = &mut packet
+        {
+            r.reason_code = ReasonCode::UNSPECIFIED_ERROR;
+        }
+        if ack.qos1 {
+            self.handle.inner.lock().session.inbound_acked();
+        }
+        self.out.send(&packet);
+    }
+
+    fn send(&self, p: Packet) {
+        self.out.send(&p);
+    }
+
+    /// Send an ack now, or behind acks still waiting for commits (order is kept).
+    fn ack_after(&mut self, packet: Packet, qos1: bool, commits: Vec<Commit>) {
+        if commits.is_empty() && self.pending.is_empty() {
+            self.finish_ack(PendingAck {
+                packet,
+                qos1,
+                ok: true,
+            });
+            return;
+        }
+        self.pending.push_back(Box::pin(async move {
+            let mut ok = true;
+            for c in commits {
+                if let Err(e) = c.await {
+                    tracing::error!("store commit failed: {e}");
+                    ok = false;
+                }
+            }
+            PendingAck { packet, qos1, ok }
+        }));
+    }
+
+    fn on_packet(&mut self, p: Packet) -> Flow {
+        match p {
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PubAck(r) => self.session_event(Event::PubAck(r.packet_id)),
+            Packet::PubRec(r) => {
+                if r.reason_code.is_error() {
+                    // The client refused it: the flow ends here ([MQTT-4.3.3]).
+                    return self.session_event(Event::Abort(r.packet_id));
+                }
+                self.session_event(Event::PubRec(r.packet_id))
+            }
+            Packet::PubComp(r) => self.session_event(Event::PubComp(r.packet_id)),
+            Packet::PubRel(r) => {
+                let (known, persistent) = {
+                    let mut inner = self.handle.inner.lock();
+                    let known = inner.session.inbound_pubrel(r.packet_id);
+                    (known, inner.session.persistent())
+                };
+                let mut commits = Vec::new();
+                if known
+                    && persistent
+                    && let Some(store) = &self.shared.store
+                {
+                    commits.push(store.submit(vec![Op::DeleteInboundQos2 {
+                        client: self.client_id.to_string(),
+                        packet_id: r.packet_id,
+                    }]));
+                }
+                let comp = Packet::PubComp(PubResponse {
+                    packet_id: r.packet_id,
+                    reason_code: if known {
+                        ReasonCode::SUCCESS
+                    } else {
+                        ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                    },
+                    properties: Properties::default(),
+                });
+                self.ack_after(comp, false, commits);
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => {
+                self.send(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if self.protocol == Protocol::V5
+                    && let Some(new) = d.properties.session_expiry_interval
+                {
+                    let mut inner = self.handle.inner.lock();
+                    if inner.session.expiry_interval == 0 && new != 0 {
+                        // [MQTT-3.14.2-2]
+                        return violation(ReasonCode::PROTOCOL_ERROR);
+                    }
+                    inner.session.expiry_interval =
+                        new.min(self.shared.cfg.limits.session_expiry_max);
+                }
+                if d.reason_code == ReasonCode::DISCONNECT_WITH_WILL {
+                    Err((End::WithWill, None))
+                } else {
+                    Err((End::Normal, None))
+                }
+            }
+            // A second CONNECT, AUTH without an authentication method, or a server-only packet.
+            _ => violation(ReasonCode::PROTOCOL_ERROR),
+        }
+    }
+
+    fn session_event(&mut self, ev: Event) -> Flow {
+        let mut actions = Vec::new();
+        let mut commits = Vec::new();
+        let mut drops = Vec::new();
+        {
+            let mut inner = self.handle.inner.lock();
+            inner.session.handle(ev, now_ms(), &mut actions);
+            self.shared.apply(
+                &self.client_id,
+                &mut inner,
+                &mut actions,
+                &mut commits,
+                &mut drops,
+            );
+        }
+        self.shared.report_drops(drops);
+        // Deletes of acknowledged messages need no waiting; the store applies them in order.
+        for c in commits {
+            drop(c);
+        }
+        Ok(())
+    }
+
+    fn check_rate(&mut self) -> Flow {
+        let max = self.shared.cfg.limits.max_message_rate;
+        if max == 0 {
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.rate_window) >= Duration::from_secs(1) {
+            self.rate_window = now;
+            self.rate_count = 0;
+        }
+        self.rate_count += 1;
+        if self.rate_count > max {
+            return violation(ReasonCode::MESSAGE_RATE_TOO_HIGH);
+        }
+        Ok(())
+    }
+
+    fn topic_ok(&self, t: &str) -> bool {
+        let l = &self.shared.cfg.limits;
+        t.len() <= l.max_topic_length && t.split('/').count() <= l.max_topic_levels
+    }
+
+    fn on_publish(&mut self, mut p: Publish) -> Flow {
+        self.shared
+            .stats
+            .messages_received
+            .fetch_add(1, Ordering::Relaxed);
+        self.check_rate()?;
+        let decision = {
+            let mut inner = self.handle.inner.lock();
+            match inner.session.inbound_publish(&mut p) {
+                Ok(d) => (d, inner.session.persistent()),
+                Err(v) => {
+                    tracing::debug!(client = %self.client_id, "{}", v.message);
+                    return violation(v.reason);
+                }
+            }
+        };
+        let (inbound, persistent) = decision;
+        let pid = p.packet_id;
+        let qos = p.qos;
+        if inbound == Inbound::Duplicate {
+            let rec = Packet::PubRec(PubResponse {
+                packet_id: pid,
+                ..Default::default()
+            });
+            self.ack_after(rec, false, Vec::new());
+            return Ok(());
+        }
+        if !self.topic_ok(&p.topic) {
+            return violation(ReasonCode::TOPIC_NAME_INVALID);
+        }
+        let allowed = !p.topic.starts_with('$')
+            && self.shared.acl_allows(
+                AclAction::Publish,
+                &self.client_id,
+                self.username.as_deref(),
+                &p.topic,
+            );
+        if !allowed {
+            self.shared.report_drops(vec![(
+                self.client_id.clone(),
+                DropReason::NotAuthorized,
+                p.topic.clone(),
+            )]);
+            let code = if self.protocol == Protocol::V5 {
+                ReasonCode::NOT_AUTHORIZED
+            } else {
+                ReasonCode::SUCCESS
+            };
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack_after(
+                    Packet::PubAck(PubResponse {
+                        packet_id: pid,
+                        reason_code: code,
+                        ..Default::default()
+                    }),
+                    true,
+                    Vec::new(),
+                ),
+                QoS::ExactlyOnce => {
+                    if self.protocol == Protocol::V5 {
+                        // An error PUBREC ends the flow: forget the id.
+                        self.handle.inner.lock().session.inbound_pubrel(pid);
+                    }
+                    self.ack_after(
+                        Packet::PubRec(PubResponse {
+                            packet_id: pid,
+                            reason_code: code,
+                            ..Default::default()
+                        }),
+                        false,
+                        Vec::new(),
+                    );
+                }
+            }
+            return Ok(());
+        }
+
+        let msg = Arc::new(Msg::from_publish(p, now_ms()));
+        let mut commits = Vec::new();
+        if msg.retain
+            && let Some(c) = self.shared.set_retained(&msg)
+        {
+            commits.push(c);
+        }
+        let matched = self
+            .shared
+            .route(&msg, Some(&self.key), &mut commits, &mut self.matches);
+        if qos == QoS::ExactlyOnce
+            && persistent
+            && let Some(store) = &self.shared.store
+        {
+            commits.push(store.submit(vec![Op::PutInboundQos2 {
+                client: self.client_id.to_string(),
+                packet_id: pid,
+            }]));
+        }
+        let code = if matched == 0 && self.protocol == Protocol::V5 {
+            ReasonCode::NO_MATCHING_SUBSCRIBERS
+        } else {
+            ReasonCode::SUCCESS
+        };
+        match qos {
+            QoS::AtMostOnce => {
+                for c in commits {
+                    tokio::spawn(c);
+                }
+            }
+            QoS::AtLeastOnce => self.ack_after(
+                Packet::PubAck(PubResponse {
+                    packet_id: pid,
+                    reason_code: code,
+                    ..Default::default()
+                }),
+                true,
+                commits,
+            ),
+            QoS::ExactlyOnce => self.ack_after(
+                Packet::PubRec(PubResponse {
+                    packet_id: pid,
+                    reason_code: code,
+                    ..Default::default()
+                }),
+                false,
+                commits,
+            ),
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) -> Flow {
+        let limits = &self.shared.cfg.limits;
+        let sub_id = s.properties.subscription_identifiers.first().copied();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained_for: Vec<(String, SubOptions)> = Vec::new();
+        for f in &s.filters {
+            let shared_parts = split_shared(&f.filter);
+            if f.filter.starts_with("$share/") && shared_parts.is_none() {
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            if shared_parts.is_some() && f.options.no_local {
+                // [MQTT-3.8.3-4]
+                return violation(ReasonCode::PROTOCOL_ERROR);
+            }
+            let inner_filter = shared_parts.map(|(_, f)| f).unwrap_or(&f.filter);
+            if !self.topic_ok(inner_filter) {
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            if !self.shared.acl_allows(
+                AclAction::Subscribe,
+                &self.client_id,
+                self.username.as_deref(),
+                inner_filter,
+            ) {
+                codes.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
+            let opts = SubOptions {
+                qos: f.options.qos,
+                no_local: f.options.no_local,
+                retain_as_published: f.options.retain_as_published,
+                retain_handling: f.options.retain_handling,
+                subscription_id: sub_id,
+            };
+            {
+                let mut inner = self.handle.inner.lock();
+                let subs = &mut inner.session.subscriptions;
+                if !subs.contains_key(&f.filter)
+                    && subs.len() >= limits.max_subscriptions_per_client
+                {
+                    codes.push(ReasonCode::QUOTA_EXCEEDED);
+                    continue;
+                }
+                subs.insert(f.filter.clone(), opts);
+            }
+            let existed = self
+                .shared
+                .router
+                .write()
+                .subscribe(self.key.clone(), &f.filter, opts);
+            codes.push(ReasonCode(f.options.qos as u8));
+            let send_retained = shared_parts.is_none()
+                && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed));
+            if send_retained {
+                retained_for.push((f.filter.clone(), opts));
+            }
+        }
+        let mut commits = Vec::new();
+        if let Some(op) = self.shared.session_op(&self.handle.inner.lock().session)
+            && let Some(store) = &self.shared.store
+        {
+            commits.push(store.submit(vec![op]));
+        }
+        for (f, c) in s.filters.iter().zip(&codes) {
+            let body = if c.is_error() {
+                serde_json::json!({"client_id": &*self.client_id, "filter": f.filter, "reason_code": c.0})
+            } else {
+                serde_json::json!({"client_id": &*self.client_id, "filter": f.filter, "qos": c.0})
+            };
+            self.shared.event("subscribed", body);
+        }
+        let ack = Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reason_codes: codes,
+            properties: Properties::default(),
+        });
+        self.ack_after(ack, false, commits);
+        // Retained messages follow the SUBACK.
+        if !retained_for.is_empty() {
+            self.send_retained(retained_for);
+        }
+        Ok(())
+    }
+
+    fn send_retained(&mut self, wanted: Vec<(String, SubOptions)>) {
+        let now = now_ms();
+        let mut deliveries = Vec::new();
+        {
+            let retained = self.shared.retained.read();
+            for (filter, opts) in &wanted {
+                for (topic, msg) in retained.iter() {
+                    if crate::router::topic_matches(filter, topic) {
+                        deliveries.push(Delivery {
+                            msg: msg.clone(),
+                            qos: msg.qos.min(opts.qos),
+                            retain: true,
+                            subscription_ids: opts.subscription_id.into_iter().collect(),
+                            shared: None,
+                        });
+                    }
+                }
+            }
+        }
+        let mut commits = Vec::new();
+        let mut drops = Vec::new();
+        for d in deliveries {
+            self.shared
+                .deliver(&self.handle, d, now, &mut commits, &mut drops);
+        }
+        self.shared.report_drops(drops);
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) -> Flow {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        let mut handed = Vec::new();
+        for f in &u.filters {
+            let existed = self.shared.router.write().unsubscribe(&self.key, f);
+            {
+                let mut inner = self.handle.inner.lock();
+                inner.session.subscriptions.remove(f);
+                if existed && f.starts_with("$share/") {
+                    let mut actions = Vec::new();
+                    handed.extend(inner.session.take_shared(Some(f), &mut actions));
+                    let mut commits = Vec::new();
+                    let mut drops = Vec::new();
+                    self.shared.apply(
+                        &self.client_id,
+                        &mut inner,
+                        &mut actions,
+                        &mut commits,
+                        &mut drops,
+                    );
+                }
+            }
+            codes.push(if existed {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::NO_SUBSCRIPTION_EXISTED
+            });
+            self.shared.event(
+                "unsubscribed",
+                serde_json::json!({"client_id": &*self.client_id, "filter": f}),
+            );
+        }
+        self.shared.redeliver_shared(&self.key, handed);
+        let mut commits = Vec::new();
+        if let Some(op) = self.shared.session_op(&self.handle.inner.lock().session)
+            && let Some(store) = &self.shared.store
+        {
+            commits.push(store.submit(vec![op]));
+        }
+        let ack = Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reason_codes: if self.protocol == Protocol::V5 {
+                codes
+            } else {
+                Vec::new()
+            },
+            properties: Properties::default(),
+        });
+        self.ack_after(ack, false, commits);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peeks_the_connect_protocol_level() {
+        let v5 = [0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02];
+        assert_eq!(peek_connect_level(&v5), Some(5));
+        let v3 = [0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02];
+        assert_eq!(peek_connect_level(&v3), Some(4));
+        assert_eq!(peek_connect_level(&[0x30, 0x00]), None);
+    }
+}
