@@ -5,6 +5,11 @@
 //! which properties a packet may carry, duplicate properties, topic-alias bounds). Errors name the
 //! spec clause they enforce (`[MQTT-x.y.z-n]`) and the reason code a server answers them with.
 //! It never performs I/O, never allocates a task and never awaits.
+//!
+//! Rules that depend on direction or connection state are not checked here and belong to the
+//! broker: a second CONNECT ([MQTT-3.1.0-2]), a client PUBLISH carrying a Subscription Identifier
+//! ([MQTT-3.3.4-6]), resolving topic aliases, Receive Maximum, and configured limits (topic length
+//! and levels, client identifier rules).
 
 mod packet;
 

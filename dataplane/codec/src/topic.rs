@@ -172,6 +172,14 @@ mod tests {
     }
 
     #[test]
+    fn shared_subscription_filter_matches_through_parse_shared() {
+        let (group, inner) = parse_shared("$share/workers/jobs/+").unwrap();
+        assert_eq!(group, "workers");
+        assert!(matches(inner, "jobs/1"));
+        assert!(!matches(inner, "jobs/1/x"));
+    }
+
+    #[test]
     fn name_validation() {
         assert!(validate_topic_name("a/b").is_ok());
         assert_eq!(
