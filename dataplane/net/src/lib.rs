@@ -2,14 +2,27 @@
 //! WebSocket and WSS, each yielding a plain byte stream, plus the admin HTTP endpoint
 //! (`/metrics`, `/healthz`, `/readyz`).
 //!
-//! API CONTRACT (stubs; the implementation keeps these signatures, additions are fine).
+//! Module map: [`ListenerSpec::parse`] lives in `spec`, the rustls server configuration and
+//! [`TlsInfo`] extraction in `tls`, the MQTT-over-WebSocket upgrade and byte adapter in [`ws`], the
+//! accept loop in `listener`, and the HTTP endpoint in [`admin`].
+//!
+//! **Invariant:** a handshake (TLS, WebSocket upgrade) never runs on the accept loop; each runs in
+//! its own task under [`HANDSHAKE_TIMEOUT`], so one slow or hostile client never delays others.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+
+pub mod admin;
+mod listener;
+mod spec;
+mod tls;
+pub mod ws;
+
+pub use listener::{HANDSHAKE_TIMEOUT, Listener};
+pub use spec::DEFAULT_WS_PATH;
+pub use tls::server_config;
 
 /// Any accepted byte stream (TCP, TLS over TCP, MQTT-over-WebSocket binary frames, ...).
 pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -21,6 +34,26 @@ pub enum Transport {
     Tls,
     Ws,
     Wss,
+}
+
+impl Transport {
+    /// The URL scheme of this transport (`mqtt`, `mqtts`, `ws`, `wss`), for logs and metrics labels.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Transport::Tcp => "mqtt",
+            Transport::Tls => "mqtts",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        }
+    }
+
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
+    }
 }
 
 /// PEM files for a TLS listener.
@@ -38,15 +71,10 @@ pub struct TlsFiles {
 pub struct ListenerSpec {
     pub transport: Transport,
     pub addr: SocketAddr,
+    /// The HTTP path a WebSocket upgrade must use; only meaningful for `ws`/`wss`.
     pub ws_path: String,
+    /// Present exactly for `mqtts`/`wss`.
     pub tls: Option<TlsFiles>,
-}
-
-impl ListenerSpec {
-    /// Parse a listener URL; `tls` is required for `mqtts`/`wss`.
-    pub fn parse(_url: &str, _tls: Option<TlsFiles>) -> Result<ListenerSpec, NetError> {
-        unimplemented!("net: ListenerSpec::parse")
-    }
 }
 
 /// What the TLS layer learned about the client.
@@ -67,6 +95,16 @@ pub struct Accepted {
     pub tls: Option<TlsInfo>,
 }
 
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("peer", &self.peer)
+            .field("transport", &self.transport)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("address {addr} is already in use")]
@@ -75,47 +113,21 @@ pub enum NetError {
     InvalidUrl { url: String, reason: String },
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The listener's accept loop ended; no more connections will arrive.
+    #[error("listener closed")]
+    Closed,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-/// A bound listener. Handshakes (TLS, WebSocket upgrade with subprotocol `mqtt`) run inside
-/// [`Listener::accept`]'s background tasks so a slow client never blocks accepting others.
-pub struct Listener {
-    _private: (),
-}
-
-impl Listener {
-    pub async fn bind(_spec: &ListenerSpec) -> Result<Listener, NetError> {
-        unimplemented!("net: Listener::bind")
-    }
-    pub fn local_addr(&self) -> SocketAddr {
-        unimplemented!("net: Listener::local_addr")
-    }
-    pub fn spec(&self) -> &ListenerSpec {
-        unimplemented!("net: Listener::spec")
-    }
-    /// Next connection whose handshake completed. Failed handshakes are logged and skipped.
-    pub async fn accept(&mut self) -> Result<Accepted, NetError> {
-        unimplemented!("net: Listener::accept")
-    }
-}
-
-/// The admin HTTP server: `/metrics` (Prometheus text from `render`), `/healthz` (always 200 while
-/// the process runs), `/readyz` (200 once `ready` is true, else 503).
-pub mod admin {
-    use super::*;
-
-    pub async fn bind(_addr: SocketAddr) -> Result<tokio::net::TcpListener, NetError> {
-        unimplemented!("net: admin::bind")
-    }
-
-    pub async fn serve(
-        _listener: tokio::net::TcpListener,
-        _render: Arc<dyn Fn() -> String + Send + Sync>,
-        _ready: Arc<AtomicBool>,
-    ) -> Result<(), NetError> {
-        unimplemented!("net: admin::serve")
+impl NetError {
+    /// Maps a bind error, naming the address when it is taken.
+    pub(crate) fn from_bind(addr: SocketAddr, e: std::io::Error) -> NetError {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            NetError::AddrInUse { addr }
+        } else {
+            NetError::Io(e)
+        }
     }
 }
 
