@@ -178,6 +178,7 @@ struct SubscriberReport {
 
 /// What a publisher hands back.
 struct PublisherReport {
+    id: u32,
     sent: u64,
     /// QoS 1: bitmap of acknowledged sequence numbers.
     acked: Option<Seen>,
@@ -323,6 +324,8 @@ impl Runner {
         while let Some(r) = pubs.join_next().await {
             reports.push(r.context("publisher task panicked")??);
         }
+        // Tasks finish in any order; subscribers index their bookkeeping by publisher id.
+        reports.sort_by_key(|r| r.id);
         let sent: u64 = reports.iter().map(|r| r.sent).sum();
         let acked: u64 = match qos {
             QoS::AtMostOnce => sent,
@@ -531,6 +534,7 @@ async fn publisher(
             wr.flush().await?;
         }
         return Ok(PublisherReport {
+            id,
             sent: seq,
             acked: None,
             _writer: wr,
@@ -618,6 +622,7 @@ async fn publisher(
     sent_total.store(seq, Ordering::Release);
     let (acked, rd) = acker.await.context("ack reader panicked")??;
     Ok(PublisherReport {
+        id,
         sent: seq,
         acked: Some(acked),
         _writer: wr,
