@@ -39,7 +39,7 @@
 
 mod redb_store;
 
-pub use redb_store::{FILE_NAME, RedbStore, StoreStats};
+pub use redb_store::{FILE_NAME, RedbStore};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -125,6 +125,21 @@ pub enum StoreError {
     Closed,
 }
 
+/// Counters for metrics export; monotonic since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Batches written successfully (their futures resolved `Ok`).
+    pub batches_committed: u64,
+    /// Ops inside those batches.
+    pub ops_committed: u64,
+    /// Write transactions committed (one per group, durable or not).
+    pub transactions: u64,
+    /// Durable commits, each ending in an fsync of the file.
+    pub fsyncs: u64,
+    /// Batches rejected with an error.
+    pub batches_failed: u64,
+}
+
 /// A pending commit: resolves when the batch is durable under the store's [`FsyncPolicy`].
 pub type Commit =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
@@ -137,4 +152,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Make everything submitted so far durable (used on graceful shutdown).
     fn flush(&self) -> Commit;
     fn policy(&self) -> FsyncPolicy;
+    /// Counters for metrics; implementations without them report zeros.
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
 }

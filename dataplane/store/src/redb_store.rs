@@ -12,7 +12,7 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
-use crate::{Commit, FsyncPolicy, Op, SessionStore, Snapshot, StoreError};
+use crate::{Commit, FsyncPolicy, Op, SessionStore, Snapshot, StoreError, StoreStats};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
@@ -40,21 +40,6 @@ struct Counters {
     transactions: AtomicU64,
     fsyncs: AtomicU64,
     failed: AtomicU64,
-}
-
-/// Counters for metrics export; monotonic since the store was opened.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StoreStats {
-    /// Batches written successfully (their futures resolved `Ok`).
-    pub batches_committed: u64,
-    /// Ops inside those batches.
-    pub ops_committed: u64,
-    /// Write transactions committed (one per group, durable or not).
-    pub transactions: u64,
-    /// Durable commits, each ending in an fsync of the file.
-    pub fsyncs: u64,
-    /// Batches rejected with an error.
-    pub batches_failed: u64,
 }
 
 /// The embedded default: one redb file in the data directory, written by a dedicated thread that
@@ -85,7 +70,19 @@ impl RedbStore {
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(format!("create directory: {e}")))?;
-        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        let logged_path = location.clone();
+        let db = Database::builder()
+            .set_repair_callback(move |session| {
+                // After an unclean shutdown redb walks the file to rebuild its allocator state
+                // before opening; on a large store that takes a while, so say what is happening.
+                tracing::info!(
+                    store = %logged_path,
+                    progress = format!("{:.0}%", session.progress() * 100.0),
+                    "repairing store after unclean shutdown"
+                );
+            })
+            .create(&path)
+            .map_err(|e| open_err(e.to_string()))?;
         Self::start(db, policy, location)
     }
 
@@ -203,6 +200,10 @@ impl SessionStore for RedbStore {
 
     fn policy(&self) -> FsyncPolicy {
         self.policy
+    }
+
+    fn stats(&self) -> StoreStats {
+        RedbStore::stats(self)
     }
 }
 
