@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
@@ -17,8 +17,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 /// The WebSocket subprotocol MQTT uses ([MQTT-6.0.0-3], [MQTT-6.0.0-4]).
 pub const MQTT_SUBPROTOCOL: &str = "mqtt";
 
-/// Outgoing bytes are coalesced up to this size into one binary message before a flush forces
-/// them out; bounds memory per connection while keeping frame overhead low for small packets.
+/// Largest binary message one write produces; a bigger write is split across messages, which
+/// MQTT over WebSocket allows (a message may carry part of a packet).
 const MAX_OUTGOING_MESSAGE: usize = 64 * 1024;
 
 /// Accepts a WebSocket upgrade on `stream` for MQTT: the request path must equal `path` (else 404)
@@ -73,15 +73,19 @@ fn reject(status: StatusCode, body: String) -> ErrorResponse {
 ///
 /// Reading yields the payloads of binary messages back to back (a message may hold part of an MQTT
 /// packet or several); pings are answered by tungstenite, a close or the end of the connection
-/// reads as EOF, and a text message is an error ([MQTT-6.0.0-1]). Written bytes are gathered and
-/// sent as one binary message on `flush` (or when 64 KiB are pending), so callers must flush, as
-/// the `AsyncWrite` contract asks.
+/// reads as EOF, and a text message is an error ([MQTT-6.0.0-1]).
+///
+/// Writing behaves like a TCP socket: each write becomes one binary message (up to 64 KiB) that is
+/// pushed to the connection at once, and while an earlier message is still stuck behind a full
+/// socket, writes wait (backpressure). As with TLS streams, a caller that stops writing must
+/// `flush` to be sure the last bytes left under backpressure.
 pub struct WsStream<S> {
     inner: WebSocketStream<S>,
     /// The unread rest of the last binary message; `Bytes` lets us hand out slices without copying
     /// the message again.
     read_buf: Bytes,
-    write_buf: BytesMut,
+    /// A sent message is still (partly) buffered in tungstenite because the socket was full.
+    unflushed: bool,
     eof: bool,
 }
 
@@ -93,7 +97,7 @@ where
         WsStream {
             inner,
             read_buf: Bytes::new(),
-            write_buf: BytesMut::new(),
+            unflushed: false,
             eof: false,
         }
     }
@@ -102,17 +106,8 @@ where
         &self.inner
     }
 
-    /// Hands the pending output to the WebSocket sink as one binary message.
-    fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.write_buf.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        ready!(self.inner.poll_ready_unpin(cx)).map_err(into_io)?;
-        let payload = self.write_buf.split().freeze();
+    pub fn into_inner(self) -> WebSocketStream<S> {
         self.inner
-            .start_send_unpin(Message::Binary(payload))
-            .map_err(into_io)?;
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -177,23 +172,36 @@ where
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.write_buf.len() >= MAX_OUTGOING_MESSAGE {
-            ready!(this.poll_send_pending(cx))?;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
         }
-        let n = buf.len().min(MAX_OUTGOING_MESSAGE - this.write_buf.len());
-        this.write_buf.extend_from_slice(&buf[..n]);
+        if this.unflushed {
+            ready!(this.inner.poll_flush_unpin(cx)).map_err(into_io)?;
+            this.unflushed = false;
+        }
+        ready!(this.inner.poll_ready_unpin(cx)).map_err(into_io)?;
+        let n = buf.len().min(MAX_OUTGOING_MESSAGE);
+        this.inner
+            .start_send_unpin(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+            .map_err(into_io)?;
+        // Push it out now, as a socket write would; a full socket leaves it for the next call.
+        match this.inner.poll_flush_unpin(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(into_io(e))),
+            Poll::Pending => this.unflushed = true,
+        }
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send_pending(cx))?;
-        this.inner.poll_flush_unpin(cx).map_err(into_io)
+        ready!(this.inner.poll_flush_unpin(cx)).map_err(into_io)?;
+        this.unflushed = false;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send_pending(cx))?;
         match ready!(this.inner.poll_close_unpin(cx)) {
             Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(into_io(e))),

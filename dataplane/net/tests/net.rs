@@ -348,6 +348,7 @@ async fn ws_round_trips_bytes_with_mqtt_subprotocol() {
         accepted.stream.write_all(b"\x20\x02").await.unwrap();
         accepted.stream.write_all(b"\x00\x00").await.unwrap();
         accepted.stream.flush().await.unwrap();
+        accepted.stream.write_all(b"\xd0\x00").await.unwrap();
         // Close from the client reads as EOF.
         let mut rest = Vec::new();
         accepted.stream.read_to_end(&mut rest).await.unwrap();
@@ -382,6 +383,15 @@ async fn ws_round_trips_bytes_with_mqtt_subprotocol() {
         }
     }
     assert_eq!(got, b"\x20\x02\x00\x00");
+    // Bytes written without an explicit flush still arrive, as over TCP.
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap() {
+            Message::Binary(b) => got.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, b"\xd0\x00");
     ws.close(None).await.unwrap();
     timeout(WAIT, server).await.unwrap().unwrap();
 }
