@@ -240,13 +240,17 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, redb::Error> {
     Ok(snap)
 }
 
-/// Applies one batch inside an open write transaction.
-fn apply(txn: &WriteTransaction, ops: &[Op]) -> Result<(), redb::Error> {
+/// Applies batches, in order, inside an open write transaction. The tables are opened once per
+/// transaction rather than per batch: a group can hold thousands of one-op batches.
+fn apply<'a>(
+    txn: &WriteTransaction,
+    batches: impl Iterator<Item = &'a [Op]>,
+) -> Result<(), redb::Error> {
     let mut sessions = txn.open_table(SESSIONS)?;
     let mut messages = txn.open_table(MESSAGES)?;
     let mut qos2 = txn.open_table(INBOUND_QOS2)?;
     let mut retained = txn.open_table(RETAINED)?;
-    for op in ops {
+    for op in batches.flatten() {
         match op {
             Op::PutSession { client, value } => {
                 sessions.insert(client.as_str(), value.as_slice())?;
@@ -439,9 +443,7 @@ impl Writer {
         if !durable {
             txn.set_durability(Durability::None)?;
         }
-        for ops in batches {
-            apply(&txn, ops)?;
-        }
+        apply(&txn, batches)?;
         txn.commit()?;
         self.counters.transactions.fetch_add(1, Ordering::Relaxed);
         if durable {
