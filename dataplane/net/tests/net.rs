@@ -547,3 +547,44 @@ async fn admin_shuts_down_gracefully() {
     stop.send(()).unwrap();
     timeout(WAIT, server).await.unwrap().unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn ws_large_writes_split_into_messages_and_reassemble() {
+    let mut listener = bind("ws://127.0.0.1:0", None).await;
+    let addr = listener.local_addr();
+    let payload: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    let expected = payload.clone();
+    let server = tokio::spawn(async move {
+        let mut accepted = accept(&mut listener).await;
+        // One 200 KiB client message arrives intact through small reads.
+        let mut got = vec![0u8; expected.len()];
+        accepted.stream.read_exact(&mut got).await.unwrap();
+        assert!(got == expected, "inbound bytes differ");
+        accepted.stream.write_all(&expected).await.unwrap();
+        accepted.stream.flush().await.unwrap();
+        let mut rest = Vec::new();
+        accepted.stream.read_to_end(&mut rest).await.unwrap();
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        ws_request(&format!("ws://{addr}/mqtt"), Some("mqtt")),
+        tcp,
+    )
+    .await
+    .unwrap();
+    ws.send(Message::binary(payload.clone())).await.unwrap();
+    let (mut got, mut messages) = (Vec::new(), 0);
+    while got.len() < payload.len() {
+        match timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap() {
+            Message::Binary(b) => {
+                messages += 1;
+                got.extend_from_slice(&b);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got == payload, "outbound bytes differ");
+    assert!(messages > 1, "a 200 KiB write should span several messages");
+    ws.close(None).await.unwrap();
+    timeout(WAIT, server).await.unwrap().unwrap();
+}
