@@ -69,19 +69,6 @@ fn reason_text(code: ReasonCode) -> &'static str {
     }
 }
 
-/// Peek the protocol level of a CONNECT at the front of `buf` (to answer errors in its version).
-fn peek_connect_level(buf: &[u8]) -> Option<u8> {
-    if buf.first()? >> 4 != 1 {
-        return None;
-    }
-    let mut i = 1;
-    while *buf.get(i)? & 0x80 != 0 {
-        i += 1;
-    }
-    // fixed header, then 0x00 0x04 "MQTT" level
-    buf.get(i + 1 + 6).copied()
-}
-
 async fn refuse(wr: &mut WriteHalf<Stream>, protocol: Protocol, code: ReasonCode) {
     let mut buf = BytesMut::new();
     let ack = Packet::ConnAck(ConnAck {
@@ -113,8 +100,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
     };
 
     // 1. The first packet must be CONNECT ([MQTT-3.1.0-1]).
+    let mut level = None;
     let first = tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
+            // Peek before decoding: a refused CONNECT is consumed, and its answer needs the level.
+            level = meridian_codec::peek_connect_protocol(&rbuf);
             match meridian_codec::decode(&mut rbuf, &opts) {
                 Ok(Some(p)) => return Ok(Some(p)),
                 Ok(None) => {}
@@ -135,7 +125,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
     let connect = match first {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Err(e)) => {
-            answer_connect_error(&mut wr, &rbuf, &e).await;
+            answer_connect_error(&mut wr, level, &e).await;
             return;
         }
         _ => {
@@ -353,11 +343,16 @@ impl Drop for ConnCount {
     }
 }
 
-async fn answer_connect_error(wr: &mut WriteHalf<Stream>, rbuf: &[u8], e: &DecodeError) {
+async fn answer_connect_error(
+    wr: &mut WriteHalf<Stream>,
+    level: Option<Protocol>,
+    e: &DecodeError,
+) {
     tracing::debug!("refusing connection: {e}");
-    match peek_connect_level(rbuf) {
-        Some(5) => refuse(wr, Protocol::V5, e.reason_code()).await,
-        Some(_)
+    match level {
+        Some(Protocol::V5) => refuse(wr, Protocol::V5, e.reason_code()).await,
+        // 3.1.1 can only express these two; anything else is a plain close.
+        Some(Protocol::V311)
             if matches!(
                 e.reason_code(),
                 ReasonCode::UNSUPPORTED_PROTOCOL_VERSION | ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
@@ -1154,19 +1149,5 @@ impl Conn {
         });
         self.ack_after(ack, false, commits);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peeks_the_connect_protocol_level() {
-        let v5 = [0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02];
-        assert_eq!(peek_connect_level(&v5), Some(5));
-        let v3 = [0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02];
-        assert_eq!(peek_connect_level(&v3), Some(4));
-        assert_eq!(peek_connect_level(&[0x30, 0x00]), None);
     }
 }

@@ -118,6 +118,8 @@ impl DropReason {
 
 /// What the session asks its owner to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Actions live briefly in a reused vector; boxing `Send` would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     Send(Packet),
     Persist(Op),

@@ -344,9 +344,11 @@ async fn will_sent_on_abnormal_close_not_on_normal_disconnect_and_delayed() {
     w.subscribe("will/#", QoS::AtLeastOnce).await;
     let with_will = |id: &str, topic: &str, delay: Option<u32>| {
         let mut c = connect_packet(id, Protocol::V5);
-        let mut properties = Properties::default();
-        properties.will_delay_interval = delay;
-        properties.content_type = Some("text/plain".into());
+        let properties = Properties {
+            will_delay_interval: delay,
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
         c.will = Some(Will {
             topic: topic.into(),
             payload: Bytes::from_static(b"gone"),

@@ -146,8 +146,10 @@ impl Raw {
         options: SubscriptionOptions,
         sub_id: Option<u32>,
     ) -> Vec<u8> {
-        let mut properties = Properties::default();
-        properties.subscription_identifiers = sub_id.into_iter().collect();
+        let properties = Properties {
+            subscription_identifiers: sub_id.into_iter().collect(),
+            ..Default::default()
+        };
         self.send(Packet::Subscribe(Subscribe {
             packet_id: 1,
             filters: vec![SubscribeFilter {
