@@ -1,8 +1,21 @@
 //! meridian-api: the Meridian control plane, an Azure-Resource-Manager-style resource provider.
 //!
 //! Owns the generic ARM engine ([`engine`]), the resource-type declarations ([`resources`]), storage
-//! (SQLite and Postgres behind one trait), access control (JWT + role assignments), the HTTP(S)
-//! surface and the OpenAPI document.
+//! (SQLite and Postgres behind one trait, [`store`]), access control ([`auth`]), the HTTP(S)
+//! surface ([`http`], [`tls`]), the OpenAPI document ([`openapi`]) and the CLI entry points the
+//! `meridian` binary calls ([`cli`]).
 
+pub mod auth;
+pub mod cli;
 pub mod engine;
+pub mod error;
+pub mod http;
+pub mod openapi;
 pub mod resources;
+pub mod store;
+pub mod tls;
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+
+pub use cli::{ApiArgs, RunningApi, TokenArgs, run_api, run_token, start};
