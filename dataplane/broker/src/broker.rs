@@ -66,7 +66,8 @@ impl ConnOut {
     pub(crate) fn new(protocol: Protocol) -> ConnOut {
         ConnOut {
             protocol,
-            buf: Mutex::new(BytesMut::with_capacity(4096)),
+            // Empty until used: idle connections hold no buffer memory.
+            buf: Mutex::new(BytesMut::new()),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             kick_reason: AtomicU8::new(0),
@@ -249,10 +250,20 @@ impl Shared {
         commits: &mut Vec<Commit>,
         drops: &mut Vec<(Arc<str>, DropReason, String)>,
     ) {
-        let mut actions = Vec::new();
-        let mut inner = h.inner.lock();
-        inner.session.handle(Event::Deliver(d), now, &mut actions);
-        self.apply(&h.client_id, &mut inner, &mut actions, commits, drops);
+        thread_local! {
+            // Reused per thread: a delivery allocates no action vector.
+            static ACTIONS: std::cell::RefCell<Vec<Action>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        ACTIONS.with(|cell| {
+            let mut actions = cell.take();
+            {
+                let mut inner = h.inner.lock();
+                inner.session.handle(Event::Deliver(d), now, &mut actions);
+                self.apply(&h.client_id, &mut inner, &mut actions, commits, drops);
+            }
+            actions.clear();
+            cell.replace(actions);
+        });
     }
 
     /// Fan a message out to its subscribers; returns how many matched.

@@ -91,7 +91,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
         ..
     } = acc;
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(8192);
+    let mut rbuf = BytesMut::with_capacity(512);
     let limits = &shared.cfg.limits;
     let mut opts = DecodeOptions {
         version: None,
@@ -591,7 +591,7 @@ fn publish_will(shared: &Arc<Shared>, client: &Arc<str>, user: Option<&str>, wil
 }
 
 async fn writer(mut wr: WriteHalf<Stream>, out: Arc<ConnOut>, shared: Arc<Shared>) {
-    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut wbuf = BytesMut::new();
     loop {
         {
             let mut b = out.buf.lock();
@@ -688,6 +688,11 @@ impl Conn {
                     match r {
                         Ok(0) | Err(_) => return (End::WithWill, None),
                         Ok(n) => {
+                            // Grow the read buffer only for connections that fill it: idle
+                            // connections stay small, busy ones read in large chunks.
+                            if rbuf.capacity() == rbuf.len() {
+                                rbuf.reserve((n * 2).clamp(1024, 64 * 1024));
+                            }
                             self.shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             if let Some(ka) = ka {
                                 sleep.as_mut().reset(tokio::time::Instant::now() + ka);

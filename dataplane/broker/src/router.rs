@@ -230,40 +230,54 @@ impl<K: Clone + Eq + Hash> Router<K> {
     ) {
         out.clear();
         let dollar = topic.starts_with('$');
-        let mut raw: Vec<(&K, &SubOptions)> = Vec::new();
-        let mut shared: Vec<&SharedGroup<K>> = Vec::new();
-        collect(&self.root, topic, true, dollar, &mut raw, &mut shared);
-        for (key, opts) in raw {
-            if opts.no_local && publisher == Some(key) {
-                continue;
-            }
-            if let Some(m) = out.iter_mut().find(|m| m.shared.is_none() && m.key == *key) {
-                m.qos = m.qos.max(opts.qos);
-                m.retain_as_published |= opts.retain_as_published;
-                if let Some(id) = opts.subscription_id {
-                    m.subscription_ids.push(id);
+        // Subscribers of one node are unique, so only nodes after the first need the merge
+        // search; the common case (every subscriber on one filter) pays nothing for it.
+        let mut merge_from: Option<usize> = None;
+        collect(&self.root, topic, true, dollar, &mut |node: &Node<K>| {
+            let search_upto = merge_from.unwrap_or(0);
+            if !node.subs.is_empty() {
+                let start_len = out.len();
+                for (key, opts) in &node.subs {
+                    if opts.no_local && publisher == Some(key) {
+                        continue;
+                    }
+                    let existing = if merge_from.is_some() {
+                        out[..search_upto.max(start_len)]
+                            .iter_mut()
+                            .find(|m| m.shared.is_none() && m.key == *key)
+                    } else {
+                        None
+                    };
+                    if let Some(m) = existing {
+                        m.qos = m.qos.max(opts.qos);
+                        m.retain_as_published |= opts.retain_as_published;
+                        if let Some(id) = opts.subscription_id {
+                            m.subscription_ids.push(id);
+                        }
+                    } else {
+                        out.push(Match {
+                            key: key.clone(),
+                            qos: opts.qos,
+                            retain_as_published: opts.retain_as_published,
+                            subscription_ids: opts.subscription_id.into_iter().collect(),
+                            shared: None,
+                        });
+                    }
                 }
-            } else {
-                out.push(Match {
-                    key: key.clone(),
-                    qos: opts.qos,
-                    retain_as_published: opts.retain_as_published,
-                    subscription_ids: opts.subscription_id.into_iter().collect(),
-                    shared: None,
-                });
+                merge_from = Some(out.len());
             }
-        }
-        for group in shared {
-            if let Some((key, opts)) = pick_member(group, None, &online) {
-                out.push(Match {
-                    key,
-                    qos: opts.qos,
-                    retain_as_published: opts.retain_as_published,
-                    subscription_ids: opts.subscription_id.into_iter().collect(),
-                    shared: Some(group.full.clone()),
-                });
+            for group in &node.shared {
+                if let Some((key, opts)) = pick_member(group, None, &online) {
+                    out.push(Match {
+                        key,
+                        qos: opts.qos,
+                        retain_as_published: opts.retain_as_published,
+                        subscription_ids: opts.subscription_id.into_iter().collect(),
+                        shared: Some(group.full.clone()),
+                    });
+                }
             }
-        }
+        });
     }
 }
 
@@ -321,14 +335,14 @@ fn remove_rec<K: Eq>(node: &mut Node<K>, levels: &[&str], group: Option<&str>, k
     removed
 }
 
-/// Walk the trie for one topic (`first`: at the root level, where the `$` rule applies).
+/// Walk the trie for one topic (`first`: at the root level, where the `$` rule applies),
+/// calling `visit` for every node whose filter matches.
 fn collect<'a, K>(
     node: &'a Node<K>,
     rest: &str,
     first: bool,
     dollar: bool,
-    raw: &mut Vec<(&'a K, &'a SubOptions)>,
-    shared: &mut Vec<&'a SharedGroup<K>>,
+    visit: &mut dyn FnMut(&'a Node<K>),
 ) {
     let (level, tail) = match rest.split_once('/') {
         Some((l, t)) => (l, Some(t)),
@@ -337,32 +351,23 @@ fn collect<'a, K>(
     let wild_ok = !(first && dollar);
     // `#` matches this level and everything below, including the parent level itself.
     if wild_ok && let Some(hash) = node.children.get("#") {
-        add(hash, raw, shared);
+        visit(hash);
     }
-    let mut visit = |child: &'a Node<K>| match tail {
-        Some(t) => collect(child, t, false, dollar, raw, shared),
+    let step = |child: &'a Node<K>, visit: &mut dyn FnMut(&'a Node<K>)| match tail {
+        Some(t) => collect(child, t, false, dollar, visit),
         None => {
-            add(child, raw, shared);
+            visit(child);
             if let Some(hash) = child.children.get("#") {
-                add(hash, raw, shared);
+                visit(hash);
             }
         }
     };
     if let Some(child) = node.children.get(level) {
-        visit(child);
+        step(child, visit);
     }
     if wild_ok && let Some(child) = node.children.get("+") {
-        visit(child);
+        step(child, visit);
     }
-}
-
-fn add<'a, K>(
-    node: &'a Node<K>,
-    raw: &mut Vec<(&'a K, &'a SubOptions)>,
-    shared: &mut Vec<&'a SharedGroup<K>>,
-) {
-    raw.extend(node.subs.iter().map(|(k, o)| (k, o)));
-    shared.extend(node.shared.iter());
 }
 
 #[cfg(test)]
