@@ -1,10 +1,11 @@
-//! Crash test (custom harness): no acknowledged batch is lost across SIGKILL under
-//! `FsyncPolicy::Always`.
+//! Crash test: no acknowledged batch is lost across SIGKILL under `FsyncPolicy::Always`.
 //!
-//! The binary plays two roles. Run normally, it is the parent: it re-executes itself with
-//! `CRASH_CHILD_DIR` set, reads the child's acknowledgements from its stdout, kills it with SIGKILL
-//! mid-stream, reopens the store and checks every acknowledged message is there. As the child it
-//! submits batches from several tasks and prints `client seq` only after the batch's commit resolved.
+//! The one test plays two roles. Run normally, it is the parent: it re-executes this test binary,
+//! filtered to this same test, with `CRASH_CHILD_DIR` set, reads the child's acknowledgements from
+//! its stdout, kills it with SIGKILL mid-stream, reopens the store and checks every acknowledged
+//! message is there. As the child it submits batches from several tasks and prints
+//! `ACK client seq` only after the batch's commit resolved. (A normal libtest binary, so both
+//! `cargo test` and `cargo nextest` run it.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
@@ -18,13 +19,14 @@ const SUBMITTERS: usize = 8;
 /// Acknowledgements the parent waits for before it kills the child.
 const KILL_AFTER: usize = 400;
 
-fn main() {
+/// Marks acknowledgement lines among whatever else the test harness prints.
+const ACK: &str = "ACK ";
+
+#[test]
+fn kill_9_loses_no_acknowledged_batch() {
     match std::env::var_os(CHILD_ENV) {
         Some(dir) => child(Path::new(&dir)),
-        None => {
-            parent_kill_9_loses_no_acknowledged_batch();
-            println!("test kill_9_loses_no_acknowledged_batch ... ok");
-        }
+        None => parent(),
     }
 }
 
@@ -51,7 +53,7 @@ fn child(dir: &Path) {
                         .await
                         .unwrap();
                     // Printed only now: this line is the acknowledgement the parent relies on.
-                    println!("{client} {seq}");
+                    println!("{ACK}{client} {seq}");
                 }
             }));
         }
@@ -61,9 +63,14 @@ fn child(dir: &Path) {
     });
 }
 
-fn parent_kill_9_loses_no_acknowledged_batch() {
+fn parent() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "kill_9_loses_no_acknowledged_batch",
+            "--exact",
+            "--nocapture",
+        ])
         .env(CHILD_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -72,10 +79,15 @@ fn parent_kill_9_loses_no_acknowledged_batch() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut text = String::new();
     let mut lines = 0;
+    let mut line = String::new();
     while lines < KILL_AFTER {
-        let n = out.read_line(&mut text).unwrap();
+        line.clear();
+        let n = out.read_line(&mut line).unwrap();
         assert!(n > 0, "child exited early after {lines} acknowledgements");
-        lines += 1;
+        if line.starts_with(ACK) {
+            lines += 1;
+        }
+        text.push_str(&line);
     }
     child.kill().unwrap(); // SIGKILL on Unix
     // Lines already in the pipe were acknowledged before the kill too.
@@ -89,7 +101,10 @@ fn parent_kill_9_loses_no_acknowledged_batch() {
         let Some(line) = line.strip_suffix('\n') else {
             continue;
         };
-        let (client, seq) = line.split_once(' ').expect("line format");
+        let Some(ack) = line.strip_prefix(ACK) else {
+            continue;
+        };
+        let (client, seq) = ack.split_once(' ').expect("line format");
         acked
             .entry(client.to_owned())
             .or_default()
