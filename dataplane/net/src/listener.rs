@@ -105,6 +105,7 @@ impl Listener {
     }
 
     /// Next connection whose handshake completed. Failed handshakes are logged and skipped.
+    /// Cancel-safe: usable in `tokio::select!` without losing a connection.
     pub async fn accept(&mut self) -> Result<Accepted, NetError> {
         self.incoming.recv().await.ok_or(NetError::Closed)
     }

@@ -31,6 +31,13 @@
 //! messages are one contiguous key range in `seq` order), `inbound_qos2` ((client, packet id) → ())
 //! and `retained` (topic → bytes).
 //!
+//! # Recovery
+//!
+//! After an unclean shutdown redb repairs the file on open (it walks the trees to rebuild its
+//! allocator state; the time grows with the file size) and reports progress, which
+//! [`RedbStore::open`] logs. Commits stay one-phase (one fsync each); redb's "quick repair" mode
+//! would make recovery instant at the cost of a second fsync per commit.
+//!
 //! # Threading
 //!
 //! A dedicated writer thread owns all writes. [`SessionStore::submit`] enqueues a batch and returns a
