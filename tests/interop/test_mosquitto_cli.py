@@ -65,7 +65,10 @@ class Sub:
             if line is None:
                 break
             self.debug.append(line)
-            if "SUBACK" in line:
+            # "Subscribed (mid: ...)" is printed after the SUBACK callback has run; a signal
+            # sent before that point is sometimes ignored by mosquitto_sub.
+            if line.startswith("Subscribed"):
+                time.sleep(0.1)
                 return self
         raise AssertionError(f"mosquitto_sub never subscribed: {self.debug[-10:]}")
 
@@ -92,6 +95,7 @@ class Sub:
                 self.p.wait(5)
             except subprocess.TimeoutExpired:
                 self.p.kill()
+                self.p.wait(5)
 
 
 @pytest.fixture
@@ -161,7 +165,6 @@ def test_cli_persistent_session(broker, subs, topic, ver):
     args = ["-V", ver, "-q", "1", "-c", "-i", client_id, "-t", f"{topic}/p", *extra]
     first = subs(broker, args).wait_subscribed()
     first.stop(signal.SIGINT)  # a clean DISCONNECT; the session stays
-    assert first.p.returncode is not None
     pub(broker, ["-V", ver, "-q", "1", "-t", f"{topic}/p", "-l"],
         stdin="".join(f"queued {i}\n" for i in range(5)))
     back = subs(broker, [*args, "-C", "5", "-W", "10"])
