@@ -357,6 +357,16 @@ pub fn document(registry: &Registry) -> OpenApi {
         .build()
 }
 
+/// The document for the served types (`resources::all_types()` plus built-ins), as committed in
+/// `openapi/openapi.json` (pretty JSON with a trailing newline). `meridian openapi` can print it.
+pub fn current_json() -> String {
+    let registry = crate::engine::full_registry(crate::resources::all_types());
+    let doc = document(&registry);
+    let mut text = serde_json::to_string_pretty(&doc).expect("OpenAPI documents serialize");
+    text.push('\n');
+    text
+}
+
 /// The `GET /providers/{ns}/operations` list for `namespace` (empty when unknown).
 pub fn provider_operations(registry: &Registry, namespace: &str) -> Vec<Value> {
     let mut out = Vec::new();

@@ -11,8 +11,7 @@ use std::{
     },
 };
 
-/// A Postgres cluster owned by this process; stopped when the process exits (via `Drop` of the
-/// static is not run, so the cluster's postmaster is told to exit with the parent: see `start`).
+/// A Postgres cluster owned by this test process; a watchdog stops it when the process exits.
 #[derive(Debug)]
 pub struct PgCluster {
     dir: PathBuf,
@@ -102,6 +101,21 @@ impl PgCluster {
             ])
             .map_err(|e| format!("pg_ctl: {e}"))?;
             if out.status.success() {
+                // The static cluster is never dropped, so a watchdog stops it (and removes its
+                // directory) once this test process has exited.
+                let pg_ctl = pg_bin("pg_ctl");
+                let script = format!(
+                    "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+                     runuser -u postgres -- {pg_ctl} -D {dir} -m immediate stop >/dev/null 2>&1 \
+                     || {pg_ctl} -D {dir} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+                    pid = std::process::id()
+                );
+                let _ = Command::new("sh")
+                    .args(["-c", &script])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
                 return Ok(Self {
                     dir: base,
                     port,

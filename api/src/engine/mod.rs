@@ -226,17 +226,22 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// The registry the engine serves for `types`: them plus the built-in role-assignment type.
+pub fn full_registry(mut types: Vec<ResourceTypeDecl>) -> Registry {
+    types.push(crate::auth::role_assignment_type());
+    Registry::new(types)
+}
+
 impl Engine {
     /// An engine over `store` serving `types` (the built-in role-assignment type is added).
     pub fn new(
         store: Arc<dyn Store>,
-        mut types: Vec<ResourceTypeDecl>,
+        types: Vec<ResourceTypeDecl>,
         provisioner: Arc<dyn Provisioner>,
     ) -> Self {
-        types.push(crate::auth::role_assignment_type());
         Self {
             store,
-            registry: Arc::new(Registry::new(types)),
+            registry: Arc::new(full_registry(types)),
             provisioner,
         }
     }
