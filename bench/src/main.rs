@@ -90,6 +90,9 @@ struct CompareArgs {
     /// Mosquitto `max_inflight_messages`, its outgoing QoS 1 window (kept equal to ours).
     #[arg(long, default_value_t = 100)]
     mosquitto_inflight: u32,
+    /// Per-session queue limit for both brokers (QoS 1/2 messages beyond the in-flight window).
+    #[arg(long, default_value_t = 10_000_000)]
+    queue_limit: u64,
     /// Brokers to run (comma-separated): meridian, mosquitto.
     #[arg(long, value_delimiter = ',', default_value = "mosquitto,meridian")]
     brokers: Vec<String>,
@@ -203,7 +206,10 @@ fn print_results(
     Ok(())
 }
 
-async fn compare(a: CompareArgs) -> anyhow::Result<u64> {
+async fn compare(
+    a: CompareArgs,
+    subscriber_runtime: tokio::runtime::Handle,
+) -> anyhow::Result<u64> {
     let s = settings(&a.common);
     let scenarios = parse_scenarios(&a.common.scenarios)?;
     raise_fd_limit(s.idle_connections as u64 + 1024);
@@ -212,6 +218,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<u64> {
         mosquitto: a.mosquitto_bin.clone(),
         meridian_args: a.meridian_arg.clone(),
         mosquitto_inflight: a.mosquitto_inflight,
+        queue_limit: a.queue_limit,
     };
     let mut kinds = Vec::new();
     for b in &a.brokers {
@@ -252,6 +259,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<u64> {
                         addr: b.addr.clone(),
                         settings: s.clone(),
                         label: format!("{} {}", b.kind.name(), sc.key()),
+                        subscriber_runtime: subscriber_runtime.clone(),
                     };
                     let r =
                         tokio::time::timeout(timeout_for(&s), runner.run(*sc, Some(b.pid()))).await;
@@ -308,7 +316,7 @@ fn one_line(o: &scenario::Outcome) -> String {
     parts.join(", ")
 }
 
-async fn run(a: RunArgs) -> anyhow::Result<u64> {
+async fn run(a: RunArgs, subscriber_runtime: tokio::runtime::Handle) -> anyhow::Result<u64> {
     let s = settings(&a.common);
     let scenarios = parse_scenarios(&a.common.scenarios)?;
     raise_fd_limit(s.idle_connections as u64 + 1024);
@@ -320,6 +328,7 @@ async fn run(a: RunArgs) -> anyhow::Result<u64> {
             addr: a.addr.clone(),
             settings: s.clone(),
             label: sc.key(),
+            subscriber_runtime: subscriber_runtime.clone(),
         };
         let cell = match tokio::time::timeout(timeout_for(&s), runner.run(*sc, a.pid)).await {
             Ok(Ok(o)) => {
@@ -341,13 +350,27 @@ async fn run(a: RunArgs) -> anyhow::Result<u64> {
     Ok(results.total_violations())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let violations = match cli.command {
-        Command::Compare(a) => compare(a).await?,
-        Command::Run(a) => run(a).await?,
-    };
+    // Publishers and connection setup on the main runtime; subscribers on a second one (its own
+    // OS thread) so the OS, not tokio's scheduler, shares the CPU between the two sides.
+    let subscribers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-subscribers")
+        .enable_all()
+        .build()?;
+    let main_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let handle = subscribers.handle().clone();
+    let violations = main_rt.block_on(async move {
+        match cli.command {
+            Command::Compare(a) => compare(a, handle).await,
+            Command::Run(a) => run(a, handle).await,
+        }
+    })?;
+    subscribers.shutdown_background();
+    main_rt.shutdown_background();
     if violations > 0 {
         eprintln!("{violations} QoS contract violations");
         std::process::exit(2);

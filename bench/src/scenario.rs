@@ -205,6 +205,8 @@ pub(crate) struct Runner {
     pub(crate) addr: String,
     pub(crate) settings: Settings,
     pub(crate) label: String,
+    /// Where subscriber tasks run (a runtime of their own, see [`Runner::flow`]).
+    pub(crate) subscriber_runtime: tokio::runtime::Handle,
 }
 
 impl Runner {
@@ -257,25 +259,43 @@ impl Runner {
 
         // Subscribers first, all subscribed before anyone publishes.
         let mut subs = JoinSet::new();
-        let mut sub_clients = Vec::with_capacity(subscribers);
+        // Subscribers live on their own runtime thread: a publisher that never meets backpressure
+        // (a broker that accepts and drops) must not starve the side that measures delivery.
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(subscribers.max(1));
         for i in 0..subscribers {
-            let mut c = Client::connect(&self.addr, &self.opts(format!("mb-{key}-s{i}"))).await?;
-            c.subscribe(&topic, qos).await?;
-            sub_clients.push(c);
-        }
-        for c in sub_clients {
+            let addr = self.addr.clone();
+            let opts = self.opts(format!("mb-{key}-s{i}"));
+            let topic = topic.clone();
             let delivered = delivered.clone();
             let stop = stop_rx.clone();
+            let ready = ready_tx.clone();
             let payload_size = s.payload.max(HEADER);
-            subs.spawn(subscriber(
-                c,
-                publishers,
-                qos,
-                payload_size,
-                epoch,
-                delivered,
-                stop,
-            ));
+            subs.spawn_on(
+                async move {
+                    let mut c = match Client::connect(&addr, &opts).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("{e:#}"))).await;
+                            return Err(e);
+                        }
+                    };
+                    if let Err(e) = c.subscribe(&topic, qos).await {
+                        let _ = ready.send(Err(format!("{e:#}"))).await;
+                        return Err(e);
+                    }
+                    let _ = ready.send(Ok(())).await;
+                    subscriber(c, publishers, qos, payload_size, epoch, delivered, stop).await
+                },
+                &self.subscriber_runtime,
+            );
+        }
+        drop(ready_tx);
+        for _ in 0..subscribers {
+            match ready_rx.recv().await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => bail!("subscriber setup failed: {e}"),
+                None => bail!("subscriber task ended before subscribing"),
+            }
         }
 
         let mut pub_clients = Vec::with_capacity(publishers);
@@ -532,6 +552,8 @@ async fn publisher(
                 seq += 1;
             }
             wr.flush().await?;
+            // A broker that never pushes back would otherwise let this loop monopolise a worker.
+            tokio::task::yield_now().await;
         }
         return Ok(PublisherReport {
             id,
@@ -618,6 +640,7 @@ async fn publisher(
             }
         }
         wr.flush().await?;
+        tokio::task::yield_now().await;
     }
     sent_total.store(seq, Ordering::Release);
     let (acked, rd) = acker.await.context("ack reader panicked")??;
