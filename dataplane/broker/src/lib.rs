@@ -6,6 +6,16 @@
 //! flow), [`auth`] (password and ACL files), [`sys`] (`$SYS` topics and metrics), `conn`
 //! (connection handling) and `broker` (start-up, shared state, shutdown).
 //!
+//! Durability: with a data directory, persistent sessions (Session Expiry Interval > 0, or
+//! Clean Session 0 in 3.1.1) store their record (JSON: expiry and subscriptions), every QoS 1/2
+//! message queued or in flight for them (v5 PUBLISH encoding plus a header with packet id, state
+//! and absolute expiry, see `session::encode_message`), inbound QoS 2 packet ids awaiting PUBREL,
+//! and retained messages. A publisher's PUBACK/PUBREC is sent only after the store commit of every
+//! write its message caused has resolved, which under `fsync = "always"` means it is on disk
+//! (the store group-commits concurrent batches). After a restart, unacknowledged messages are
+//! resent with DUP under their original packet ids, so a QoS 2 receiver deduplicates them.
+//! Without a data directory nothing is written anywhere (no store at all, not an in-memory one).
+//!
 //! Embedding: `Broker::start(BrokerConfig) -> RunningBroker`; `RunningBroker::listener_addrs()`,
 //! `admin_addr()`, `shutdown().await`.
 

@@ -438,6 +438,27 @@ impl Session {
         if limits.maximum_packet_size == 0 || limits.maximum_packet_size >= 268_435_460 {
             return true;
         }
+        // Cheap upper bound first, so the common case builds nothing: fixed header (5), topic
+        // length prefix (2), packet id (2), property block with generous slack for its ids.
+        let props = &d.msg.properties;
+        let rough = 5
+            + 2
+            + d.msg.topic.len()
+            + 2
+            + d.msg.payload.len()
+            + 64
+            + props.content_type.as_ref().map_or(0, |s| s.len())
+            + props.response_topic.as_ref().map_or(0, |s| s.len())
+            + props.correlation_data.as_ref().map_or(0, |b| b.len())
+            + props
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 5)
+                .sum::<usize>()
+            + d.subscription_ids.len() * 5;
+        if rough <= limits.maximum_packet_size as usize {
+            return true;
+        }
         // Size without a topic alias: the alias can only make it smaller.
         let p = build_publish(d, 1, false, now_ms, limits.protocol);
         let len = meridian_codec::encoded_len(&Packet::Publish(p), limits.protocol);

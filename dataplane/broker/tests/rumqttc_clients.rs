@@ -125,3 +125,36 @@ async fn rumqttc_v5_qos_round_trip_and_last_will() {
     assert_eq!((topic.as_str(), &payload[..]), ("v5/will", &b"bye"[..]));
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn rumqttc_over_websocket_listener_reaches_tcp_subscribers() {
+    use rumqttc::{AsyncClient, MqttOptions, QoS, Transport as ClientTransport};
+    let mut config = cfg();
+    config
+        .listeners
+        .push(meridian_broker::ListenerConfig::plain(
+            "ws://127.0.0.1:0/mqtt",
+        ));
+    let (b, addr) = start(config).await;
+    let ws = b.addr(meridian_broker::Transport::Ws).expect("ws listener");
+    let mut sub = Raw::connect(addr, "tcp-sub", meridian_codec::Protocol::V5).await;
+    sub.subscribe("ws/#", meridian_codec::QoS::AtLeastOnce)
+        .await;
+    let mut o = MqttOptions::new(
+        "ws-pub",
+        format!("ws://127.0.0.1:{}/mqtt", ws.port()),
+        ws.port(),
+    );
+    o.set_transport(ClientTransport::Ws);
+    let (c, el) = AsyncClient::new(o, 10);
+    let _rx = spawn_v4(el);
+    c.publish("ws/hello", QoS::AtLeastOnce, false, b"over ws".to_vec())
+        .await
+        .unwrap();
+    let m = sub
+        .recv_publish()
+        .await
+        .expect("message from the websocket client");
+    assert_eq!(&m.payload[..], b"over ws");
+    b.shutdown().await;
+}
