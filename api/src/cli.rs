@@ -8,7 +8,7 @@ use clap::Args;
 use crate::{
     auth::{Authenticator, Role, RoleGrant, load_or_create_secret},
     engine::{Engine, ImmediateProvisioner, Provisioner},
-    http::{AppState, OverTls, app, metrics_handle},
+    http::{ApiMetrics, AppState, OverTls, app},
     store::{PostgresStore, SqliteStore, Store},
     tls,
 };
@@ -203,7 +203,7 @@ pub async fn start_with(
     let state = AppState {
         engine: engine.clone(),
         auth: auth.clone(),
-        metrics: metrics_handle(),
+        metrics: Arc::new(ApiMetrics::new()),
         openapi,
     };
     let (tls_config, ca_path) = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {

@@ -36,8 +36,8 @@ pub struct AppState {
     pub engine: Engine,
     /// Token verification.
     pub auth: Arc<Authenticator>,
-    /// Prometheus renderer.
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Request metrics.
+    pub metrics: Arc<ApiMetrics>,
     /// The OpenAPI document served at /openapi.json and /docs.
     pub openapi: Arc<utoipa::openapi::OpenApi>,
 }
@@ -50,25 +50,68 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The process-wide Prometheus recorder (installed once; every app in the process shares it).
-pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-        std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ])
-                .expect("static buckets are valid")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (e.g. by the broker in `meridian dev`);
-            // then our handle renders only what we record through it, which stays correct.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+/// The API's own Prometheus registry. It is not installed as the process-global `metrics`
+/// recorder: in `meridian dev` the broker may own that, and several apps (tests) may share a
+/// process; each app records into and renders its own registry.
+pub struct ApiMetrics {
+    recorder: metrics_exporter_prometheus::PrometheusRecorder,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl std::fmt::Debug for ApiMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiMetrics").finish_non_exhaustive()
+    }
+}
+
+static METRICS_META: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiMetrics {
+    /// An empty registry with latency buckets from 1 ms to 5 s.
+    pub fn new() -> Self {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ])
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        Self { recorder, handle }
+    }
+
+    fn record(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        use metrics::Recorder;
+        let labels = vec![
+            metrics::Label::new("route", route.to_owned()),
+            metrics::Label::new("method", method.to_owned()),
+        ];
+        let mut with_status = labels.clone();
+        with_status.push(metrics::Label::new("status", status.to_string()));
+        self.recorder
+            .register_counter(
+                &metrics::Key::from_parts("meridian_api_requests_total", with_status),
+                &METRICS_META,
+            )
+            .increment(1);
+        self.recorder
+            .register_histogram(
+                &metrics::Key::from_parts("meridian_api_request_duration_seconds", labels),
+                &METRICS_META,
+            )
+            .record(seconds);
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
 }
 
 /// Builds the router.
@@ -80,7 +123,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(arm)
-        .layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
@@ -162,7 +205,7 @@ fn scope_template(scope: &Scope, namespace: &str) -> String {
 }
 
 /// Request id, tracing span, metrics and client-request-id echo for every request.
-async fn observe(req: Request, next: Next) -> Response {
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let client_request_id = req.headers().get("x-ms-client-request-id").cloned();
@@ -178,14 +221,12 @@ async fn observe(req: Request, next: Next) -> Response {
             "done"
         )
     });
-    let labels = [
-        ("route", route),
-        ("method", method.to_string()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("meridian_api_requests_total", &labels).increment(1);
-    metrics::histogram!("meridian_api_request_duration_seconds", &labels[..2])
-        .record(started.elapsed().as_secs_f64());
+    state.metrics.record(
+        &route,
+        method.as_str(),
+        status,
+        started.elapsed().as_secs_f64(),
+    );
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert("x-ms-request-id", v.clone());

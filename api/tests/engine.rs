@@ -16,7 +16,7 @@ use meridian_api::{
         Engine, ImmediateProvisioner, Preconditions, RequestContext,
         registry::{NameRule, Presence, ResourceTypeDecl, ValidationError},
     },
-    http::{AppState, app, metrics_handle},
+    http::{ApiMetrics, AppState, app},
     store::{PostgresStore, SqliteStore, Store},
     test_util::PgCluster,
 };
@@ -110,7 +110,7 @@ impl Fixture {
         let app = app(AppState {
             engine: engine.clone(),
             auth: auth.clone(),
-            metrics: metrics_handle(),
+            metrics: Arc::new(ApiMetrics::new()),
             openapi,
         });
         Self {
