@@ -104,6 +104,10 @@ pub(crate) struct SessionInner {
 pub(crate) struct SessionHandle {
     pub(crate) client_id: Arc<str>,
     pub(crate) online: AtomicBool,
+    /// Set while a connected subscriber's queue is above the high-water mark; publishers that
+    /// feed it pause reading (bounded) until `drained` fires.
+    pub(crate) pressured: AtomicBool,
+    pub(crate) drained: Notify,
     pub(crate) inner: Mutex<SessionInner>,
 }
 
@@ -162,6 +166,8 @@ impl Shared {
         Arc::new(SessionHandle {
             client_id: client_id.clone(),
             online: AtomicBool::new(false),
+            pressured: AtomicBool::new(false),
+            drained: Notify::new(),
             inner: Mutex::new(SessionInner {
                 session: Session::new(
                     client_id,
@@ -249,21 +255,31 @@ impl Shared {
         now: u64,
         commits: &mut Vec<Commit>,
         drops: &mut Vec<(Arc<str>, DropReason, String)>,
-    ) {
+    ) -> bool {
         thread_local! {
             // Reused per thread: a delivery allocates no action vector.
             static ACTIONS: std::cell::RefCell<Vec<Action>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         ACTIONS.with(|cell| {
             let mut actions = cell.take();
-            {
+            let pressured = {
                 let mut inner = h.inner.lock();
                 inner.session.handle(Event::Deliver(d), now, &mut actions);
                 self.apply(&h.client_id, &mut inner, &mut actions, commits, drops);
+                inner.conn.is_some() && inner.session.queued_len() >= self.high_water()
+            };
+            if pressured {
+                h.pressured.store(true, Ordering::Release);
             }
             actions.clear();
             cell.replace(actions);
-        });
+            pressured
+        })
+    }
+
+    /// Queue length at which a connected subscriber pushes back on its publishers.
+    pub(crate) fn high_water(&self) -> usize {
+        (self.cfg.limits.max_queued_messages / 2).max(1)
     }
 
     /// Fan a message out to its subscribers; returns how many matched.
@@ -273,6 +289,18 @@ impl Shared {
         publisher: Option<&SessionKey>,
         commits: &mut Vec<Commit>,
         matches: &mut Vec<Match<SessionKey>>,
+    ) -> usize {
+        self.route_with_pressure(msg, publisher, commits, matches, &mut Vec::new())
+    }
+
+    /// [`Shared::route`], also collecting subscribers whose queues are above the high-water mark.
+    pub(crate) fn route_with_pressure(
+        &self,
+        msg: &Arc<Msg>,
+        publisher: Option<&SessionKey>,
+        commits: &mut Vec<Commit>,
+        matches: &mut Vec<Match<SessionKey>>,
+        pressured: &mut Vec<Arc<SessionHandle>>,
     ) -> usize {
         {
             let r = self.router.read();
@@ -298,7 +326,9 @@ impl Shared {
                 subscription_ids: m.subscription_ids,
                 shared: m.shared,
             };
-            self.deliver(&m.key.0, d, now, commits, &mut drops);
+            if self.deliver(&m.key.0, d, now, commits, &mut drops) {
+                pressured.push(m.key.0.clone());
+            }
         }
         self.report_drops(drops);
         n
@@ -453,7 +483,7 @@ impl Shared {
             if let Some((key, opts)) = target {
                 d.qos = d.msg.qos.min(opts.qos);
                 d.subscription_ids = opts.subscription_id.into_iter().collect();
-                self.deliver(&key.0, d, now, &mut commits, &mut drops);
+                let _ = self.deliver(&key.0, d, now, &mut commits, &mut drops);
             } else {
                 drops.push((
                     from.0.client_id.clone(),

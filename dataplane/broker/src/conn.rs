@@ -29,6 +29,8 @@ use crate::router::{Match, SubOptions, split_shared};
 use crate::session::{ClientLimits, Delivery, DropReason, Event, Inbound, Msg};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a publisher is paused for slow subscribers before their overflow policy applies.
+const PRESSURE_WAIT: Duration = Duration::from_secs(1);
 
 type Stream = Box<dyn meridian_net::ByteStream>;
 type AckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = PendingAck> + Send>>;
@@ -304,6 +306,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
         matches: Vec::new(),
         rate_window: tokio::time::Instant::now(),
         rate_count: 0,
+        pressure: Vec::new(),
     };
     let (end, reason) = conn.run(&mut rd, &mut rbuf, opts, keep_alive).await;
 
@@ -465,6 +468,9 @@ fn detach(
         if ours {
             inner.conn = None;
             handle.online.store(false, Ordering::Relaxed);
+            // An offline subscriber no longer holds publishers back.
+            handle.pressured.store(false, Ordering::Release);
+            handle.drained.notify_waiters();
             let mut actions = Vec::new();
             inner
                 .session
@@ -632,6 +638,8 @@ struct Conn {
     matches: Vec<Match<SessionKey>>,
     rate_window: tokio::time::Instant,
     rate_count: u32,
+    /// Subscribers whose queues are above the high-water mark after our last PUBLISH.
+    pressure: Vec<Arc<SessionHandle>>,
 }
 
 type Flow = Result<(), (End, Option<ReasonCode>)>;
@@ -661,6 +669,9 @@ impl Conn {
                         if let Err(e) = self.on_packet(p) {
                             return e;
                         }
+                        if !self.pressure.is_empty() {
+                            break;
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -668,6 +679,20 @@ impl Conn {
                         return (End::WithWill, Some(e.reason_code()));
                     }
                 }
+            }
+            // Backpressure: a subscriber we feed is falling behind, so stop reading from this
+            // publisher until it drains (bounded, after which its overflow policy applies).
+            if !self.pressure.is_empty() {
+                // One deadline for all of them, so many slow subscribers cost one bounded pause.
+                let deadline = tokio::time::Instant::now() + PRESSURE_WAIT;
+                while let Some(h) = self.pressure.pop() {
+                    let drained = h.drained.notified();
+                    if h.pressured.load(Ordering::Acquire) {
+                        let _ = tokio::time::timeout_at(deadline, drained).await;
+                    }
+                }
+                // Packets may already be buffered: decode them before waiting for the socket.
+                continue;
             }
             tokio::select! {
                 biased;
@@ -819,7 +844,7 @@ impl Conn {
         let mut actions = Vec::new();
         let mut commits = Vec::new();
         let mut drops = Vec::new();
-        {
+        let relieved = {
             let mut inner = self.handle.inner.lock();
             inner.session.handle(ev, now_ms(), &mut actions);
             self.shared.apply(
@@ -829,6 +854,10 @@ impl Conn {
                 &mut commits,
                 &mut drops,
             );
+            inner.session.queued_len() < self.shared.high_water()
+        };
+        if relieved && self.handle.pressured.swap(false, Ordering::AcqRel) {
+            self.handle.drained.notify_waiters();
         }
         self.shared.report_drops(drops);
         // Deletes of acknowledged messages need no waiting; the store applies them in order.
@@ -945,9 +974,13 @@ impl Conn {
         {
             commits.push(c);
         }
-        let matched = self
-            .shared
-            .route(&msg, Some(&self.key), &mut commits, &mut self.matches);
+        let matched = self.shared.route_with_pressure(
+            &msg,
+            Some(&self.key),
+            &mut commits,
+            &mut self.matches,
+            &mut self.pressure,
+        );
         if qos == QoS::ExactlyOnce
             && persistent
             && let Some(store) = &self.shared.store
@@ -1098,7 +1131,8 @@ impl Conn {
         let mut commits = Vec::new();
         let mut drops = Vec::new();
         for d in deliveries {
-            self.shared
+            let _ = self
+                .shared
                 .deliver(&self.handle, d, now, &mut commits, &mut drops);
         }
         self.shared.report_drops(drops);

@@ -777,3 +777,52 @@ async fn sys_statistics_are_published_and_metrics_served() {
     assert!(body.contains("meridian_clients_connected 1"), "{body}");
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn slow_subscriber_pauses_the_publisher_instead_of_dropping() {
+    let mut config = cfg();
+    config.limits.max_queued_messages = 4; // high-water mark 2
+    let (b, addr) = start(config).await;
+    let mut c = connect_packet("slow", Protocol::V5);
+    c.properties.receive_maximum = Some(1);
+    let (mut sub, _) = Raw::connect_with(addr, c).await;
+    sub.subscribe("bp", QoS::AtLeastOnce).await;
+    let mut p = Raw::connect(addr, "fast", Protocol::V5).await;
+    let mut burst = bytes::BytesMut::new();
+    for pid in 1..=6u16 {
+        meridian_codec::encode(
+            &publish("bp", b"m", QoS::AtLeastOnce, pid, false),
+            Protocol::V5,
+            &mut burst,
+        )
+        .unwrap();
+    }
+    p.send_raw(&burst).await;
+    let mut acks = 0;
+    while let Some(Packet::PubAck(_)) = p.recv_for(Duration::from_millis(400)).await {
+        acks += 1;
+    }
+    assert_eq!(
+        acks, 3,
+        "the publisher is paused once the subscriber's queue reaches the mark"
+    );
+    // The subscriber catches up: everything arrives, nothing is dropped.
+    let mut received = 0;
+    while received < 6 {
+        let Some(m) = sub.recv_publish().await else {
+            panic!("only {received} arrived; drops {:?}", b.dropped_messages());
+        };
+        received += 1;
+        sub.puback(m.packet_id).await;
+    }
+    while let Some(Packet::PubAck(_)) = p.recv_for(Duration::from_millis(400)).await {
+        acks += 1;
+    }
+    assert_eq!(acks, 6);
+    assert!(
+        b.dropped_messages().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        b.dropped_messages()
+    );
+    b.shutdown().await;
+}
