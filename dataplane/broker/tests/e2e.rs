@@ -551,7 +551,7 @@ async fn keepalive_timeout_disconnects_with_0x8d_after_one_and_a_half_intervals(
     }
     let waited = t0.elapsed();
     assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2500),
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
         "{waited:?}"
     );
     b.shutdown().await;
@@ -824,5 +824,64 @@ async fn slow_subscriber_pauses_the_publisher_instead_of_dropping() {
         "{:?}",
         b.dropped_messages()
     );
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn mqtts_listener_serves_mqtt_over_tls() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    meridian_net::install_crypto_provider();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut config = cfg();
+    config.listeners = vec![meridian_broker::ListenerConfig {
+        url: "mqtts://127.0.0.1:0".into(),
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+        client_ca: None,
+    }];
+    let b = meridian_broker::Broker::start(config).await.unwrap();
+    let addr = b
+        .addr(meridian_broker::Transport::Tls)
+        .expect("tls listener");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let mut out = bytes::BytesMut::new();
+    let c = connect_packet("tls-client", Protocol::V5);
+    meridian_codec::encode(&Packet::Connect(Box::new(c)), Protocol::V5, &mut out).unwrap();
+    meridian_codec::encode(&Packet::PingReq, Protocol::V5, &mut out).unwrap();
+    tls.write_all(&out).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let opts = meridian_codec::DecodeOptions {
+        version: Some(Protocol::V5),
+        ..Default::default()
+    };
+    let mut got = vec![];
+    while got.len() < 2 {
+        if let Ok(Some(p)) = meridian_codec::decode(&mut buf, &opts) {
+            got.push(p);
+            continue;
+        }
+        let n = tokio::time::timeout(WAIT, tls.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early");
+    }
+    assert!(matches!(&got[0], Packet::ConnAck(a) if a.reason_code.0 == 0));
+    assert_eq!(got[1], Packet::PingResp);
     b.shutdown().await;
 }
