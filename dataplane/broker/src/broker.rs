@@ -108,6 +108,9 @@ pub(crate) struct SessionHandle {
     /// feed it pause reading (bounded) until `drained` fires.
     pub(crate) pressured: AtomicBool,
     pub(crate) drained: Notify,
+    /// True once a record of this session may be in the store (so ending it must delete it);
+    /// clean sessions never touch the store.
+    pub(crate) stored: AtomicBool,
     pub(crate) inner: Mutex<SessionInner>,
 }
 
@@ -168,6 +171,7 @@ impl Shared {
             online: AtomicBool::new(false),
             pressured: AtomicBool::new(false),
             drained: Notify::new(),
+            stored: AtomicBool::new(false),
             inner: Mutex::new(SessionInner {
                 session: Session::new(
                     client_id,
@@ -399,6 +403,13 @@ impl Shared {
         }
     }
 
+    /// Store the session record of a persistent session; the commit, if anything was written.
+    pub(crate) fn persist_session(&self, h: &SessionHandle) -> Option<Commit> {
+        let op = self.session_op(&h.inner.lock().session)?;
+        h.stored.store(true, Ordering::Release);
+        self.store.as_ref().map(|s| s.submit(vec![op]))
+    }
+
     /// The session record to store for a persistent session.
     pub(crate) fn session_op(&self, s: &Session) -> Option<Op> {
         if self.store.is_none() || !s.persistent() {
@@ -457,7 +468,9 @@ impl Shared {
             }
         }
         self.redeliver_shared(&key, shared_msgs);
-        if let Some(store) = &self.store {
+        if let Some(store) = &self.store
+            && h.stored.swap(false, Ordering::AcqRel)
+        {
             drop(store.submit(vec![Op::DeleteSession {
                 client: h.client_id.to_string(),
             }]));
@@ -519,6 +532,7 @@ impl Shared {
             };
             let id: Arc<str> = client.as_str().into();
             let h = self.new_session(id.clone(), rec.expiry);
+            h.stored.store(true, Ordering::Release);
             {
                 let mut inner = h.inner.lock();
                 for s in rec.subs {

@@ -414,9 +414,8 @@ fn attach(
         end_replaced_session(shared, &old);
     }
     // Persist the session record (expiry may have changed).
-    let op = shared.session_op(&result.0.inner.lock().session);
-    if let (Some(op), Some(store)) = (op, &shared.store) {
-        drop(store.submit(vec![op]));
+    if let Some(c) = shared.persist_session(&result.0) {
+        drop(c);
     }
     (result.0, result.1, result.2)
 }
@@ -444,7 +443,9 @@ fn end_replaced_session(shared: &Arc<Shared>, old: &Arc<SessionHandle>) {
         }
     }
     shared.redeliver_shared(&key, taken);
-    if let Some(store) = &shared.store {
+    if let Some(store) = &shared.store
+        && old.stored.swap(false, Ordering::AcqRel)
+    {
         drop(store.submit(vec![Op::DeleteSession {
             client: old.client_id.to_string(),
         }]));
@@ -590,9 +591,10 @@ fn publish_will(shared: &Arc<Shared>, client: &Arc<str>, user: Option<&str>, wil
     let mut commits = Vec::new();
     let mut matches = Vec::new();
     shared.route(&msg, None, &mut commits, &mut matches);
-    // Commits complete on their own; nobody awaits an acknowledgement for a will.
+    // The store applies submitted batches whether or not anyone awaits them; nobody waits for
+    // an acknowledgement of a will.
     for c in commits {
-        tokio::spawn(c);
+        drop(c);
     }
 }
 
@@ -998,7 +1000,7 @@ impl Conn {
         match qos {
             QoS::AtMostOnce => {
                 for c in commits {
-                    tokio::spawn(c);
+                    drop(c);
                 }
             }
             QoS::AtLeastOnce => self.ack_after(
@@ -1083,10 +1085,8 @@ impl Conn {
             }
         }
         let mut commits = Vec::new();
-        if let Some(op) = self.shared.session_op(&self.handle.inner.lock().session)
-            && let Some(store) = &self.shared.store
-        {
-            commits.push(store.submit(vec![op]));
+        if let Some(c) = self.shared.persist_session(&self.handle) {
+            commits.push(c);
         }
         for (f, c) in s.filters.iter().zip(&codes) {
             let body = if c.is_error() {
@@ -1172,10 +1172,8 @@ impl Conn {
         }
         self.shared.redeliver_shared(&self.key, handed);
         let mut commits = Vec::new();
-        if let Some(op) = self.shared.session_op(&self.handle.inner.lock().session)
-            && let Some(store) = &self.shared.store
-        {
-            commits.push(store.submit(vec![op]));
+        if let Some(c) = self.shared.persist_session(&self.handle) {
+            commits.push(c);
         }
         let ack = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
