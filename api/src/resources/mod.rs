@@ -1,51 +1,34 @@
-//! Declarations of all served resource types (owned by the api-types work).
+//! Declarations of every served resource type: `Microsoft.IoTOperations`, `Microsoft.IoTOperationsMQ`
+//! and the `Microsoft.EventGrid` namespaces subset.
 //!
-//! The engine reads [`all_types`]; each type is a [`ResourceTypeDecl`] plus its typed properties.
-//! This file starts with one example type so the engine is testable end to end.
+//! The engine reads [`all_types`]. A type is a [`ResourceTypeDecl`] (routes, verbs, api-versions, name
+//! rule, location flags) plus its typed `properties`. The models (`*_models.rs`) are generated from the
+//! staged swagger by `codegen/generate.py` so names, enums, defaults, required and read-only fields are
+//! the spec's; [`validate::Validate`] checks what serde cannot (ranges, patterns, lengths).
 
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+pub mod eventgrid;
+pub mod eventgrid_models;
+pub mod iotoperations;
+pub mod iotoperations_models;
+pub mod iotoperationsmq;
+pub mod iotoperationsmq_models;
+pub mod validate;
 
-use crate::engine::registry::{NameRule, Presence, ResourceTypeDecl};
+use crate::engine::registry::{ResourceTypeDecl, ValidationError};
 
-/// Every resource type the control plane serves.
+/// Every resource type the control plane serves, parents before children.
 pub fn all_types() -> Vec<ResourceTypeDecl> {
-    vec![eventgrid_namespace()]
+    let mut types = iotoperations::types();
+    types.extend(iotoperationsmq::types());
+    types.extend(eventgrid::types());
+    types
 }
 
-/// Whether public network access is allowed.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema)]
-pub enum PublicNetworkAccess {
-    /// Allowed.
-    #[default]
-    Enabled,
-    /// Denied.
-    Disabled,
-}
-
-/// `properties` of an Event Grid namespace (minimal example; the full type replaces it).
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct NamespaceProperties {
-    /// Public network access.
-    #[serde(default)]
-    pub public_network_access: PublicNetworkAccess,
-    /// Zone redundancy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub is_zone_redundant: Option<bool>,
-    /// Read-only, set by the engine.
-    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
-    pub provisioning_state: Option<String>,
-}
-
-fn eventgrid_namespace() -> ResourceTypeDecl {
-    ResourceTypeDecl::new::<NamespaceProperties>("Microsoft.EventGrid", &["namespaces"])
-        .api_versions(&["2023-12-15-preview", "2025-02-15"])
-        .name_rule(NameRule::new(r"^[a-zA-Z0-9-]*$", 3, 50))
-        .patch(true)
-        .list_by_resource_group(true)
-        .list_by_subscription(true)
-        .location(Presence::Required)
-        .description("An Event Grid namespace (MQTT broker tenant).")
-        .build()
+/// The engine's validation hook for a generated model: the first broken constraint, with its JSON
+/// path under `properties` as the ARM `target`.
+pub(crate) fn check<P: validate::Validate>(p: &P) -> Result<(), ValidationError> {
+    match validate::violations(p, "properties").into_iter().next() {
+        Some(v) => Err(ValidationError::new(v.target, v.message)),
+        None => Ok(()),
+    }
 }
