@@ -43,6 +43,8 @@ pub(crate) struct BrokerPaths {
 pub(crate) struct RunningBroker {
     pub(crate) kind: BrokerKind,
     pub(crate) addr: String,
+    /// Meridian's admin endpoint (host:port), for its Prometheus metrics.
+    pub(crate) admin: Option<String>,
     child: Child,
     // Keeps the data dir / config alive for the broker's lifetime.
     _dir: tempfile::TempDir,
@@ -74,9 +76,11 @@ impl RunningBroker {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("broker.log"))?;
+        let mut admin_addr = None;
         let mut cmd = match kind {
             BrokerKind::Meridian => {
                 let admin = free_port()?;
+                admin_addr = Some(format!("127.0.0.1:{admin}"));
                 let data = dir.path().join("data");
                 std::fs::create_dir_all(&data)?;
                 let conf = dir.path().join("meridian.toml");
@@ -154,6 +158,7 @@ impl RunningBroker {
         Ok(RunningBroker {
             kind,
             addr,
+            admin: admin_addr,
             child,
             _dir: dir,
         })
@@ -199,6 +204,33 @@ fn mosquitto_config(port: u16, inflight: u32, queue_limit: u64, dir: &Path) -> S
          log_type warning\n",
         dir.display()
     )
+}
+
+/// Meridian's own drop counters (`meridian_messages_dropped_total{reason=...}`) from its admin
+/// endpoint, as "reason=count" for the non-zero ones: the broker's account of QoS 0 loss.
+pub(crate) fn meridian_drops(admin: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let mut out = Vec::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("meridian_messages_dropped_total{reason=\"")
+            && let Some((reason, value)) = rest.split_once("\"}")
+        {
+            let v: f64 = value.trim().parse().unwrap_or(0.0);
+            if v > 0.0 {
+                out.push(format!("{reason}={v}"));
+            }
+        }
+    }
+    Ok(if out.is_empty() {
+        "0".into()
+    } else {
+        out.join(" ")
+    })
 }
 
 /// Resident set size in bytes (VmRSS from /proc).

@@ -265,7 +265,14 @@ async fn compare(
                         tokio::time::timeout(timeout_for(&s), runner.run(*sc, Some(b.pid()))).await;
                     let alive = b.alive();
                     match r {
-                        Ok(Ok(o)) if alive => Cell::Done(o),
+                        Ok(Ok(mut o)) if alive => {
+                            if let (Some(admin), Some(c)) = (&b.admin, o.contract.as_mut()) {
+                                c.broker_drops = broker::meridian_drops(admin)
+                                    .map_err(|e| eprintln!("  (no metrics: {e:#})"))
+                                    .ok();
+                            }
+                            Cell::Done(o)
+                        }
                         Ok(Ok(_)) => Cell::Failed("broker died during the scenario".into()),
                         Ok(Err(e)) => Cell::Failed(format!(
                             "{e:#}{}",

@@ -177,8 +177,8 @@ impl Results {
     /// The QoS contract table: loss, duplicates, ordering per scenario and broker.
     pub(crate) fn contract(&self) -> String {
         let mut t = String::new();
-        t.push_str("| Scenario | Broker | sent | acked | expected | delivered | lost | duplicates | reordered | corrupt | violations |\n");
-        t.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        t.push_str("| Scenario | Broker | sent | acked | expected | delivered | lost | duplicates | reordered | corrupt | violations | broker-reported drops |\n");
+        t.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for Row {
             label,
             meridian: mer,
@@ -192,7 +192,7 @@ impl Results {
                         if let Some(c) = &o.contract {
                             let _ = writeln!(
                                 t,
-                                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                                 kind.name(),
                                 c.sent,
                                 c.acked,
@@ -206,7 +206,8 @@ impl Results {
                                     "0".to_string()
                                 } else {
                                     format!("**{}**", c.violations)
-                                }
+                                },
+                                c.broker_drops.as_deref().unwrap_or("n/a")
                             );
                         }
                     }
@@ -214,7 +215,7 @@ impl Results {
                         let e = e.replace('|', "/").replace('\n', " ");
                         let _ = writeln!(
                             t,
-                            "| {label} | {} | failed: {e} | | | | | | | | |",
+                            "| {label} | {} | failed: {e} | | | | | | | | | |",
                             kind.name()
                         );
                     }

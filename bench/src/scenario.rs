@@ -118,6 +118,8 @@ pub(crate) struct Contract {
     pub(crate) corrupt: u64,
     /// Losses at QoS 1, duplicates at QoS 0, reordering and corruption: what MQTT forbids.
     pub(crate) violations: u64,
+    /// The broker's own drop counters when it exposes them (Meridian's /metrics).
+    pub(crate) broker_drops: Option<String>,
 }
 
 /// What one scenario measured on one broker.
