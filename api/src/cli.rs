@@ -8,7 +8,7 @@ use clap::Args;
 use crate::{
     auth::{Authenticator, Role, RoleGrant, load_or_create_secret},
     engine::{Engine, ImmediateProvisioner, Provisioner},
-    http::{ApiMetrics, AppState, OverTls, app},
+    http::{ApiMetrics, AppState, OverTls, app_with_deployments},
     store::{PostgresStore, SqliteStore, Store},
     tls,
 };
@@ -226,7 +226,7 @@ pub async fn start_with(
         }
     );
     let (shutdown, rx) = tokio::sync::watch::channel(false);
-    let router = app(state);
+    let router = app_with_deployments(state);
     let task = tokio::spawn(serve(listener, router, tls_config, rx));
     Ok(RunningApi {
         addr,

@@ -114,8 +114,26 @@ impl ApiMetrics {
     }
 }
 
-/// Builds the router.
+/// A fresh metrics registry for an [`AppState`] (kept for callers written against the first API).
+pub fn metrics_handle() -> Arc<ApiMetrics> {
+    Arc::new(ApiMetrics::new())
+}
+
+/// Builds the router: resource routes, health, metrics, docs (without template deployments).
 pub fn app(state: AppState) -> Router {
+    base(state.clone()).layer(middleware::from_fn_with_state(state, observe))
+}
+
+/// [`app`] plus the template deployment routes (`Microsoft.Resources/deployments`): what
+/// [`crate::cli::start`] serves.
+pub fn app_with_deployments(state: AppState) -> Router {
+    base(state.clone())
+        // Fixed routes take precedence over the ARM fallback.
+        .merge(crate::deployments::deployments_router(state.clone()))
+        .layer(middleware::from_fn_with_state(state, observe))
+}
+
+fn base(state: AppState) -> Router {
     let openapi = (*state.openapi).clone();
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -123,7 +141,6 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(arm)
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
@@ -251,7 +268,8 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+/// Verifies the request's bearer token (401 in ARM shape).
+pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let Some(value) = header_str(headers, "authorization") else {
         return Err(ApiError::unauthorized(
             "AuthenticationFailed",
@@ -272,7 +290,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiE
 
 /// Checks that `principal` holds at least `needed` over the scope, from token grants or stored
 /// role assignments.
-async fn authorize(
+pub async fn authorize(
     state: &AppState,
     principal: &Principal,
     needed: Role,

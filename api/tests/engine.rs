@@ -103,7 +103,9 @@ struct Fixture {
 
 impl Fixture {
     async fn with_store(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Self {
-        let engine = Engine::new(store, test_types(), Arc::new(ImmediateProvisioner));
+        // No inline wait: responses show `Accepted` and clients poll, the path slow provisioners take.
+        let engine = Engine::new(store, test_types(), Arc::new(ImmediateProvisioner))
+            .with_inline_wait(std::time::Duration::ZERO);
         let auth =
             Arc::new(Authenticator::new("meridian", "meridian-api").with_hs256_secret(SECRET));
         let openapi = Arc::new(meridian_api::openapi::document(engine.registry()));
@@ -281,7 +283,7 @@ async fn put_create_is_201_with_async_operation_then_update_is_200(f: Fixture) {
 
 async fn read_only_provisioning_state_in_input_is_ignored(f: Fixture) {
     let mut b = widget_body(1);
-    b["properties"]["provisioningState"] = json!("Succeeded");
+    b["properties"]["provisioningState"] = json!("Failed");
     let (status, _, body) = f.put(&q(&widget("w1")), b, &[]).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(body["properties"]["provisioningState"], "Accepted");
@@ -885,3 +887,76 @@ on_both_stores!(
     patch_merges_tags_and_properties,
     operations_ids_headers_and_metrics,
 );
+
+/// The provisioning seam: a provisioner that refuses makes the resource and its operation Failed.
+struct Refusing;
+
+impl meridian_api::engine::Provisioner for Refusing {
+    fn provision(
+        &self,
+        _resource: Value,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async { Err("no broker node accepted the configuration".to_owned()) })
+    }
+}
+
+#[tokio::test]
+async fn a_fast_provisioner_finishes_before_the_put_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+    let engine = Engine::new(
+        Arc::new(store),
+        test_types(),
+        Arc::new(ImmediateProvisioner),
+    );
+    let ctx = RequestContext::system("tester");
+    let out = engine
+        .put(
+            &ctx,
+            &widget("w1"),
+            V,
+            widget_body(1),
+            &Preconditions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.resource["properties"]["provisioningState"], "Succeeded");
+    let got = engine.get(&widget("w1"), Some(V)).await.unwrap();
+    assert_eq!(got["properties"]["provisioningState"], "Succeeded");
+    let op = engine
+        .operation(&out.operation.unwrap().id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(op.status, "Succeeded");
+}
+
+#[tokio::test]
+async fn failed_provisioning_reaches_failed_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+    let engine = Engine::new(Arc::new(store), test_types(), Arc::new(Refusing));
+    let ctx = RequestContext::system("tester");
+    let out = engine
+        .put(
+            &ctx,
+            &widget("w1"),
+            V,
+            widget_body(1),
+            &Preconditions::default(),
+        )
+        .await
+        .unwrap();
+    let op = out.operation.expect("asynchronous type");
+    let done = engine
+        .wait_operation(&op.id, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(done.status, "Failed");
+    assert_eq!(
+        done.error.unwrap()["message"],
+        "no broker node accepted the configuration"
+    );
+    let got = engine.get(&widget("w1"), Some(V)).await.unwrap();
+    assert_eq!(got["properties"]["provisioningState"], "Failed");
+}

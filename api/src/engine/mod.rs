@@ -140,6 +140,9 @@ pub const DEFAULT_PAGE: i64 = 100;
 /// Largest `$top`.
 pub const MAX_PAGE: i64 = 1000;
 
+/// Default time a write waits for the provisioner before answering.
+pub const DEFAULT_INLINE_WAIT: Duration = Duration::from_millis(200);
+
 /// `Retry-After` the engine advertises, in whole seconds.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
@@ -149,6 +152,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     provisioner: Arc<dyn Provisioner>,
+    inline_wait: Duration,
 }
 
 impl std::fmt::Debug for Engine {
@@ -243,7 +247,17 @@ impl Engine {
             store,
             registry: Arc::new(full_registry(types)),
             provisioner,
+            inline_wait: DEFAULT_INLINE_WAIT,
         }
+    }
+
+    /// How long a write waits for provisioning before answering (default
+    /// [`DEFAULT_INLINE_WAIT`]). A provisioner that finishes within it makes the write's response
+    /// (and every later GET) already terminal; a slower one leaves the response `Accepted` and the
+    /// client polls the operation.
+    pub fn with_inline_wait(mut self, wait: Duration) -> Self {
+        self.inline_wait = wait;
+        self
     }
 
     /// The registry.
@@ -715,8 +729,14 @@ impl Engine {
             let (op, handle) = self.operation_for(r, "put", state, api_version);
             match self.store.put(&stored, expect, &op).await {
                 Ok(()) => {
+                    let mut stored = stored;
                     if asynchronous {
-                        self.spawn_provisioning(r.decl.clone(), stored.clone(), op);
+                        let task = self.spawn_provisioning(r.decl.clone(), stored.clone(), op);
+                        if let Ok(Ok(Some(state))) =
+                            tokio::time::timeout(self.inline_wait, task).await
+                        {
+                            stored.provisioning_state = state;
+                        }
                     }
                     return Ok(WriteOutcome {
                         created: existing.is_none(),
@@ -741,17 +761,19 @@ impl Engine {
         ))
     }
 
+    /// Runs the provisioner in its own task (so a dropped request cannot abandon it); the task
+    /// yields the terminal state it recorded.
     fn spawn_provisioning(
         &self,
         decl: ResourceTypeDecl,
         stored: StoredResource,
         op: OperationRecord,
-    ) {
+    ) -> tokio::task::JoinHandle<Option<String>> {
         let engine = self.clone();
         tokio::spawn(async move {
             let mut op = op;
             let store = &engine.store;
-            let result: Result<(), StoreError> = async {
+            let result: Result<String, StoreError> = async {
                 store
                     .set_provisioning_state(&stored.id_key, &stored.etag, "Provisioning")
                     .await?;
@@ -774,13 +796,18 @@ impl Engine {
                 if let Err(message) = outcome {
                     op.error = Some(json!({"code": "ProvisioningFailed", "message": message}));
                 }
-                store.update_operation(&op).await
+                store.update_operation(&op).await?;
+                Ok(state.to_owned())
             }
             .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, resource = %stored.id, "provisioning bookkeeping failed");
+            match result {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    tracing::error!(error = %e, resource = %stored.id, "provisioning bookkeeping failed");
+                    None
+                }
             }
-        });
+        })
     }
 
     /// DELETE (cascading to children).
