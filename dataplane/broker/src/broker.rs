@@ -60,7 +60,20 @@ pub(crate) struct ConnOut {
     /// Set (with `kick`) to make the connection send DISCONNECT with this code and close.
     pub(crate) kick_reason: AtomicU8,
     pub(crate) kick: Notify,
+    /// Set while this subscriber falls behind (session queue or outbox above its high-water
+    /// mark); publishers that feed it pause reading (bounded) until `drained` fires.
+    /// Bits: [`PRESSURE_QUEUE`], [`PRESSURE_OUTBOX`]; 0 = keeping up.
+    pub(crate) pressured: AtomicU8,
+    pub(crate) drained: Notify,
+    /// A publisher already waited the full pause for this subscriber: stop pausing for it (its
+    /// overflow policy applies) until it catches up, so one stuck client cannot throttle all.
+    pub(crate) stuck: AtomicBool,
 }
+
+/// The subscriber's session queue is above its high-water mark.
+pub(crate) const PRESSURE_QUEUE: u8 = 1;
+/// The subscriber's unwritten outbox is above half of `max_outbound_buffer`.
+pub(crate) const PRESSURE_OUTBOX: u8 = 2;
 
 impl ConnOut {
     pub(crate) fn new(protocol: Protocol) -> ConnOut {
@@ -72,6 +85,9 @@ impl ConnOut {
             closed: AtomicBool::new(false),
             kick_reason: AtomicU8::new(0),
             kick: Notify::new(),
+            pressured: AtomicU8::new(0),
+            drained: Notify::new(),
+            stuck: AtomicBool::new(false),
         }
     }
 
@@ -86,6 +102,15 @@ impl ConnOut {
     pub(crate) fn send(&self, p: &Packet) {
         self.push(p);
         self.notify.notify_one();
+    }
+
+    /// Clear pressure bits; when none is left, wake paused publishers.
+    pub(crate) fn relieve(&self, bits: u8) {
+        let before = self.pressured.fetch_and(!bits, Ordering::AcqRel);
+        if before != 0 && before & !bits == 0 {
+            self.stuck.store(false, Ordering::Release);
+            self.drained.notify_waiters();
+        }
     }
 
     pub(crate) fn kick(&self, reason: u8) {
@@ -104,10 +129,6 @@ pub(crate) struct SessionInner {
 pub(crate) struct SessionHandle {
     pub(crate) client_id: Arc<str>,
     pub(crate) online: AtomicBool,
-    /// Set while a connected subscriber's queue is above the high-water mark; publishers that
-    /// feed it pause reading (bounded) until `drained` fires.
-    pub(crate) pressured: AtomicBool,
-    pub(crate) drained: Notify,
     /// True once a record of this session may be in the store (so ending it must delete it);
     /// clean sessions never touch the store.
     pub(crate) stored: AtomicBool,
@@ -169,8 +190,6 @@ impl Shared {
         Arc::new(SessionHandle {
             client_id: client_id.clone(),
             online: AtomicBool::new(false),
-            pressured: AtomicBool::new(false),
-            drained: Notify::new(),
             stored: AtomicBool::new(false),
             inner: Mutex::new(SessionInner {
                 session: Session::new(
@@ -259,7 +278,7 @@ impl Shared {
         now: u64,
         commits: &mut Vec<Commit>,
         drops: &mut Vec<(Arc<str>, DropReason, String)>,
-    ) -> bool {
+    ) -> Option<Arc<ConnOut>> {
         thread_local! {
             // Reused per thread: a delivery allocates no action vector.
             static ACTIONS: std::cell::RefCell<Vec<Action>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -270,11 +289,25 @@ impl Shared {
                 let mut inner = h.inner.lock();
                 inner.session.handle(Event::Deliver(d), now, &mut actions);
                 self.apply(&h.client_id, &mut inner, &mut actions, commits, drops);
-                inner.conn.is_some() && inner.session.queued_len() >= self.high_water()
+                let mut bits = 0;
+                if inner.session.queued_len() >= self.high_water() {
+                    bits |= PRESSURE_QUEUE;
+                }
+                match &inner.conn {
+                    Some(c) => {
+                        if c.buf.lock().len() >= self.cfg.limits.max_outbound_buffer / 2 {
+                            bits |= PRESSURE_OUTBOX;
+                        }
+                        if bits != 0 {
+                            c.pressured.fetch_or(bits, Ordering::AcqRel);
+                            (!c.stuck.load(Ordering::Acquire)).then(|| c.clone())
+                        } else {
+                            None
+                        }
+                    }
+                    None => None,
+                }
             };
-            if pressured {
-                h.pressured.store(true, Ordering::Release);
-            }
             actions.clear();
             cell.replace(actions);
             pressured
@@ -304,7 +337,7 @@ impl Shared {
         publisher: Option<&SessionKey>,
         commits: &mut Vec<Commit>,
         matches: &mut Vec<Match<SessionKey>>,
-        pressured: &mut Vec<Arc<SessionHandle>>,
+        pressured: &mut Vec<Arc<ConnOut>>,
     ) -> usize {
         {
             let r = self.router.read();
@@ -330,8 +363,8 @@ impl Shared {
                 subscription_ids: m.subscription_ids,
                 shared: m.shared,
             };
-            if self.deliver(&m.key.0, d, now, commits, &mut drops) {
-                pressured.push(m.key.0.clone());
+            if let Some(c) = self.deliver(&m.key.0, d, now, commits, &mut drops) {
+                pressured.push(c);
             }
         }
         self.report_drops(drops);

@@ -24,7 +24,9 @@ use meridian_store::{Commit, Op};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::auth::AclAction;
-use crate::broker::{ConnOut, SessionHandle, SessionKey, Shared, now_ms};
+use crate::broker::{
+    ConnOut, PRESSURE_OUTBOX, PRESSURE_QUEUE, SessionHandle, SessionKey, Shared, now_ms,
+};
 use crate::router::{Match, SubOptions, split_shared};
 use crate::session::{ClientLimits, Delivery, DropReason, Event, Inbound, Msg};
 
@@ -470,8 +472,7 @@ fn detach(
             inner.conn = None;
             handle.online.store(false, Ordering::Relaxed);
             // An offline subscriber no longer holds publishers back.
-            handle.pressured.store(false, Ordering::Release);
-            handle.drained.notify_waiters();
+            out.relieve(PRESSURE_QUEUE | PRESSURE_OUTBOX);
             let mut actions = Vec::new();
             inner
                 .session
@@ -622,6 +623,11 @@ async fn writer(mut wr: WriteHalf<Stream>, out: Arc<ConnOut>, shared: Arc<Shared
             .bytes_sent
             .fetch_add(wbuf.len() as u64, Ordering::Relaxed);
         wbuf.clear();
+        if out.pressured.load(Ordering::Acquire) & PRESSURE_OUTBOX != 0
+            && out.buf.lock().len() < shared.cfg.limits.max_outbound_buffer / 2
+        {
+            out.relieve(PRESSURE_OUTBOX);
+        }
     }
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
@@ -641,7 +647,7 @@ struct Conn {
     rate_window: tokio::time::Instant,
     rate_count: u32,
     /// Subscribers whose queues are above the high-water mark after our last PUBLISH.
-    pressure: Vec<Arc<SessionHandle>>,
+    pressure: Vec<Arc<ConnOut>>,
 }
 
 type Flow = Result<(), (End, Option<ReasonCode>)>;
@@ -689,8 +695,10 @@ impl Conn {
                 let deadline = tokio::time::Instant::now() + PRESSURE_WAIT;
                 while let Some(h) = self.pressure.pop() {
                     let drained = h.drained.notified();
-                    if h.pressured.load(Ordering::Acquire) {
-                        let _ = tokio::time::timeout_at(deadline, drained).await;
+                    if h.pressured.load(Ordering::Acquire) != 0
+                        && tokio::time::timeout_at(deadline, drained).await.is_err()
+                    {
+                        h.stuck.store(true, Ordering::Release);
                     }
                 }
                 // Packets may already be buffered: decode them before waiting for the socket.
@@ -858,8 +866,8 @@ impl Conn {
             );
             inner.session.queued_len() < self.shared.high_water()
         };
-        if relieved && self.handle.pressured.swap(false, Ordering::AcqRel) {
-            self.handle.drained.notify_waiters();
+        if relieved && self.out.pressured.load(Ordering::Acquire) & PRESSURE_QUEUE != 0 {
+            self.out.relieve(PRESSURE_QUEUE);
         }
         self.shared.report_drops(drops);
         // Deletes of acknowledged messages need no waiting; the store applies them in order.
