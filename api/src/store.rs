@@ -428,10 +428,13 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    /// Opens a `sqlite:` URL (e.g. `sqlite::memory:` is not supported: the pool needs one file).
+    /// Opens a `sqlite:` URL naming a file (`sqlite::memory:` would give each pooled connection
+    /// its own empty database).
     pub async fn open_url(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().connect_with(options).await?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
