@@ -1712,11 +1712,15 @@ pub enum EndpointType {
     OpenTelemetry,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct DataExplorerAuthMethod {}
-
-impl Validate for DataExplorerAuthMethod {
-    fn validate(&self, _at: &str, _errs: &mut Vec<Violation>) {}
+/// Managed Identity Method
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum ManagedIdentityMethod {
+    /// SystemAssignedManagedIdentity type
+    #[serde(rename = "SystemAssignedManagedIdentity")]
+    SystemAssignedManagedIdentity,
+    /// UserAssignedManagedIdentity type
+    #[serde(rename = "UserAssignedManagedIdentity")]
+    UserAssignedManagedIdentity,
 }
 
 /// DataflowEndpoint Authentication SystemAssignedManagedIdentity properties
@@ -1754,7 +1758,7 @@ impl Validate for DataflowEndpointAuthenticationUserAssignedManagedIdentity {
 pub struct DataflowEndpointDataExplorerAuthentication {
     /// Mode of Authentication.
     #[serde(rename = "method")]
-    pub method: DataExplorerAuthMethod,
+    pub method: ManagedIdentityMethod,
     /// System-assigned managed identity authentication.
     #[serde(
         rename = "systemAssignedManagedIdentitySettings",
@@ -1775,10 +1779,6 @@ pub struct DataflowEndpointDataExplorerAuthentication {
 
 impl Validate for DataflowEndpointDataExplorerAuthentication {
     fn validate(&self, at: &str, errs: &mut Vec<Violation>) {
-        {
-            let v = &self.method;
-            v.validate(&format!("{at}.method"), errs);
-        }
         if let Some(v) = &self.system_assigned_managed_identity_settings {
             v.validate(&format!("{at}.systemAssignedManagedIdentitySettings"), errs);
         }
@@ -1978,19 +1978,12 @@ impl Validate for DataflowEndpointDataLakeStorage {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct FabricOneLakeAuthMethod {}
-
-impl Validate for FabricOneLakeAuthMethod {
-    fn validate(&self, _at: &str, _errs: &mut Vec<Violation>) {}
-}
-
 /// Microsoft Fabric endpoint. Authentication properties. NOTE - Only one method is supported for one entry
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DataflowEndpointFabricOneLakeAuthentication {
     /// Mode of Authentication.
     #[serde(rename = "method")]
-    pub method: FabricOneLakeAuthMethod,
+    pub method: ManagedIdentityMethod,
     /// System-assigned managed identity authentication.
     #[serde(
         rename = "systemAssignedManagedIdentitySettings",
@@ -2011,10 +2004,6 @@ pub struct DataflowEndpointFabricOneLakeAuthentication {
 
 impl Validate for DataflowEndpointFabricOneLakeAuthentication {
     fn validate(&self, at: &str, errs: &mut Vec<Violation>) {
-        {
-            let v = &self.method;
-            v.validate(&format!("{at}.method"), errs);
-        }
         if let Some(v) = &self.system_assigned_managed_identity_settings {
             v.validate(&format!("{at}.systemAssignedManagedIdentitySettings"), errs);
         }

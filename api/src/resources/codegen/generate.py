@@ -130,6 +130,9 @@ class Gen:
 
     def ensure_def(self, name):
         d = self.defs[name]
+        if "$ref" in d and not d.get("properties"):
+            # An alias definition (`{"$ref": …}`): use the target type.
+            return self.ensure_def(self.ref_name(d["$ref"]))
         if "enum" in d:
             return self.ensure_enum(d, name)
         if d.get("type") == "object" and not d.get("properties") and not d.get("allOf") and "additionalProperties" in d:
