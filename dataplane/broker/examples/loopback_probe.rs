@@ -141,7 +141,56 @@ async fn run(addr: std::net::SocketAddr, n: usize, qos: QoS) {
     );
 }
 
+fn rss_kb() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `idle N`: RSS growth per idle connection (the clients live in the same process, so this
+/// overstates the broker's share somewhat).
+async fn idle(addr: std::net::SocketAddr, n: usize) {
+    let before = rss_kb();
+    let t0 = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        conns.push(connect(addr, &format!("idle-{i}")).await);
+    }
+    let el = t0.elapsed();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let after = rss_kb();
+    println!(
+        "idle: {n} connections in {el:?} ({:.0}/s), RSS +{} KB = {:.2} KB per connection",
+        n as f64 / el.as_secs_f64(),
+        after.saturating_sub(before),
+        after.saturating_sub(before) as f64 / n as f64
+    );
+    drop(conns);
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("idle") {
+        let n: usize = std::env::args()
+            .nth(2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(5000);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let b = Broker::start(BrokerConfig::ephemeral()).await.unwrap();
+            idle(b.addr(Transport::Tcp).unwrap(), n).await;
+            b.shutdown().await;
+        });
+        return;
+    }
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

@@ -139,6 +139,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
     };
     let protocol = connect.protocol;
     opts.version = Some(protocol);
+    if rbuf.is_empty() {
+        // Idle connections are the common case: hold no read buffer until data arrives.
+        rbuf = BytesMut::new();
+    }
 
     // 2. Admission: connection quota, authentication, client identifier.
     let current = shared.connections.fetch_add(1, Ordering::AcqRel);
