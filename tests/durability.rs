@@ -23,7 +23,6 @@ fn options(id: &str, port: u16, persistent: bool) -> MqttOptions {
         props.session_expiry_interval = Some(3600);
         o.set_connect_properties(props);
     }
-    o.set_inflight(100);
     o
 }
 
@@ -39,7 +38,10 @@ async fn prepare_subscriber(port: u16) {
         }
     }
     client.disconnect().await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while el.poll().await.is_ok() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while el.poll().await.is_ok() {}
+    })
+    .await;
 }
 
 /// Publish N messages at QoS 1 and N at QoS 2; returns how many the broker acknowledged
@@ -48,15 +50,23 @@ async fn publish_all(port: u16) -> (u32, u32) {
     let (client, mut el) = AsyncClient::new(options("durable-pub", port, false), 200);
     let publisher = tokio::spawn(async move {
         for i in 0..N {
-            client.publish("dur/q1", QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
-            client.publish("dur/q2", QoS::ExactlyOnce, false, i.to_string()).await.unwrap();
+            client
+                .publish("dur/q1", QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+            client
+                .publish("dur/q2", QoS::ExactlyOnce, false, i.to_string())
+                .await
+                .unwrap();
         }
         client
     });
     let (mut acked1, mut acked2) = (0, 0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while acked1 < N || acked2 < N {
-        let ev = tokio::time::timeout_at(deadline, el.poll()).await.expect("acks within 60 s");
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .expect("acks within 60 s");
         match ev.expect("publisher poll") {
             Event::Incoming(Packet::PubAck(_)) => acked1 += 1,
             Event::Incoming(Packet::PubComp(_)) => acked2 += 1,
@@ -80,7 +90,11 @@ async fn collect(port: u16) -> (HashMap<u32, u32>, HashMap<u32, u32>, bool) {
             Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => session_present = ack.session_present,
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 let seq: u32 = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
-                let map = if p.topic.as_ref() == b"dur/q1" { &mut q1 } else { &mut q2 };
+                let map = if p.topic.as_ref() == b"dur/q1" {
+                    &mut q1
+                } else {
+                    &mut q2
+                };
                 *map.entry(seq).or_default() += 1;
             }
             Ok(Ok(_)) => {}
@@ -96,7 +110,11 @@ async fn kill9_keeps_every_acknowledged_qos1_and_qos2_message_exactly_once() {
     let port = broker.mqtt_port;
     prepare_subscriber(port).await;
     let (acked1, acked2) = publish_all(port).await;
-    assert_eq!((acked1, acked2), (N, N), "broker acknowledged every publish");
+    assert_eq!(
+        (acked1, acked2),
+        (N, N),
+        "broker acknowledged every publish"
+    );
     broker.kill9();
 
     let broker = BrokerProcess::start(dir.path(), &["--fsync", "always"]);

@@ -381,16 +381,27 @@ async fn arm(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
+/// Adds the LRO headers. Relative URLs are made absolute with `base`: the Event Grid SDK's poller
+/// does not resolve relative `Azure-AsyncOperation`/`Location` URLs (and then refuses to send its
+/// token), so absolute URLs are the only form every SDK follows.
 fn with_lro_headers(
+    base: &str,
     mut response: Response,
     status_url: Option<&str>,
     location: Option<&str>,
 ) -> Response {
+    let absolute = |u: &str| {
+        if u.starts_with('/') {
+            format!("{base}{u}")
+        } else {
+            u.to_owned()
+        }
+    };
     let h = response.headers_mut();
-    if let Some(u) = status_url.and_then(|u| HeaderValue::from_str(u).ok()) {
+    if let Some(u) = status_url.and_then(|u| HeaderValue::from_str(&absolute(u)).ok()) {
         h.insert("azure-asyncoperation", u);
     }
-    if let Some(u) = location.and_then(|u| HeaderValue::from_str(u).ok()) {
+    if let Some(u) = location.and_then(|u| HeaderValue::from_str(&absolute(u)).ok()) {
         h.insert(header::LOCATION, u);
     }
     if status_url.is_some() || location.is_some() {
@@ -490,6 +501,7 @@ async fn arm_inner(state: AppState, req: Request) -> Result<Response, ApiError> 
                         uri.query().map(|q| format!("?{q}")).unwrap_or_default()
                     );
                     return Ok(with_lro_headers(
+                        &base_url(&headers, &uri, tls),
                         StatusCode::ACCEPTED.into_response(),
                         None,
                         Some(&here),
@@ -673,6 +685,7 @@ async fn arm_inner(state: AppState, req: Request) -> Result<Response, ApiError> 
                     };
                     let response = json_with_etag(status, out.resource);
                     Ok(with_lro_headers(
+                        &base_url(&headers, &uri, tls),
                         response,
                         out.operation.as_ref().map(|o| o.status_url.as_str()),
                         None,
@@ -686,6 +699,7 @@ async fn arm_inner(state: AppState, req: Request) -> Result<Response, ApiError> 
                         .await?;
                     let response = json_with_etag(StatusCode::OK, out.resource);
                     Ok(with_lro_headers(
+                        &base_url(&headers, &uri, tls),
                         response,
                         out.operation.as_ref().map(|o| o.status_url.as_str()),
                         None,
@@ -698,6 +712,7 @@ async fn arm_inner(state: AppState, req: Request) -> Result<Response, ApiError> 
                     }
                     match out.operation {
                         Some(op) => Ok(with_lro_headers(
+                            &base_url(&headers, &uri, tls),
                             StatusCode::ACCEPTED.into_response(),
                             Some(&op.status_url),
                             Some(&op.result_url),
