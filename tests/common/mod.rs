@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 /// A port that was free a moment ago (bound and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn meridian() -> Command {
@@ -40,8 +44,15 @@ impl BrokerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("spawn meridian broker");
-        let broker = BrokerProcess { child, mqtt_port, admin_port };
-        wait_for_port(SocketAddr::from(([127, 0, 0, 1], mqtt_port)), Duration::from_secs(20));
+        let broker = BrokerProcess {
+            child,
+            mqtt_port,
+            admin_port,
+        };
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+            Duration::from_secs(20),
+        );
         broker
     }
 
