@@ -1,4 +1,4 @@
-//! Token verification with asymmetric keys: ES256 via a PEM public key and via a JWKS URL.
+//! Token verification with asymmetric keys: ES256 and RS256 via PEM public keys, ES256 via a JWKS URL.
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -74,4 +74,63 @@ async fn jwks_url_keys_verify_by_kid() {
     )
     .unwrap();
     assert_eq!(auth.verify(&hs).unwrap_err().status, 401);
+}
+
+/// RS256 with keys from the `openssl` CLI (installed by tests/setup.sh; rcgen with ring cannot
+/// generate RSA keys).
+#[test]
+fn rs256_public_key_pem_verifies_and_other_keys_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let rsa_key = |name: &str| {
+        let private = dir.path().join(format!("{name}.pem"));
+        let public = dir.path().join(format!("{name}.pub.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&private)
+            .status()
+            .expect("openssl CLI")
+            .success();
+        assert!(ok, "openssl genpkey failed");
+        let ok = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl pkey -pubout failed");
+        (
+            std::fs::read(private).unwrap(),
+            std::fs::read(public).unwrap(),
+        )
+    };
+    let (private, public) = rsa_key("a");
+    let (other_private, _) = rsa_key("b");
+    let auth = Authenticator::new("meridian", "meridian-api")
+        .with_public_key_pem(&public)
+        .unwrap();
+    let sign_rs = |pem: &[u8]| {
+        let claims = json!({"sub": "rsa-svc", "iss": "meridian", "aud": "meridian-api",
+            "exp": chrono::Utc::now().timestamp() + 600,
+            "roles": [{"role": "Reader", "scope": "/subscriptions/s"}]});
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(pem).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(auth.verify(&sign_rs(&private)).unwrap().subject, "rsa-svc");
+    assert_eq!(
+        auth.verify(&sign_rs(&other_private)).unwrap_err().status,
+        401
+    );
 }
