@@ -557,14 +557,7 @@ async fn get_deployment(
     Path(p): Path<DeploymentPath>,
     Query(q): Query<ApiVersion>,
 ) -> Result<Response, ApiError> {
-    check_rgs(&p.rgs)?;
-    check_api_version(&q)?;
-    let _principal = access(&state, &headers, Role::Reader, &p.sub, &p.rg).await?;
-    let records = state.records.lock().unwrap_or_else(|e| e.into_inner());
-    match records.get(&key(&p.sub, &p.rg, &p.name)) {
-        Some(d) => Ok(Json(d.to_json()).into_response()),
-        None => Err(not_found(&p.name)),
-    }
+    read_record(&state, &headers, &p, &q, Deployment::to_json).await
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -626,12 +619,24 @@ async fn list_operations(
     Path(p): Path<DeploymentPath>,
     Query(q): Query<ApiVersion>,
 ) -> Result<Response, ApiError> {
+    read_record(&state, &headers, &p, &q, Deployment::operations_json).await
+}
+
+/// The read endpoints' shared path: check the route and api-version, require Reader, look the
+/// deployment up and render it with `render`.
+async fn read_record(
+    state: &DeploymentsState,
+    headers: &HeaderMap,
+    p: &DeploymentPath,
+    q: &ApiVersion,
+    render: fn(&Deployment) -> Value,
+) -> Result<Response, ApiError> {
     check_rgs(&p.rgs)?;
-    check_api_version(&q)?;
-    let _principal = access(&state, &headers, Role::Reader, &p.sub, &p.rg).await?;
+    check_api_version(q)?;
+    let _principal = access(state, headers, Role::Reader, &p.sub, &p.rg).await?;
     let records = state.records.lock().unwrap_or_else(|e| e.into_inner());
     match records.get(&key(&p.sub, &p.rg, &p.name)) {
-        Some(d) => Ok(Json(d.operations_json()).into_response()),
+        Some(d) => Ok(Json(render(d)).into_response()),
         None => Err(not_found(&p.name)),
     }
 }
