@@ -502,3 +502,207 @@ fn compare(operand: &Operand, op: CmpOp, lit: &Literal, s: &QuerySubject<'_>) ->
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(pairs: &[(&str, AttributeValue)]) -> BTreeMap<String, AttributeValue> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn s(v: &str) -> AttributeValue {
+        AttributeValue::String(v.into())
+    }
+
+    /// Evaluates `query` for a client named `dev1` with a fixed attribute set.
+    fn eval_for(query: &str) -> bool {
+        let a = attrs(&[
+            ("type", s("sensor")),
+            ("floor", AttributeValue::Int(3)),
+            ("room", s("345")),
+            ("critical", AttributeValue::Bool(true)),
+            (
+                "sensors",
+                AttributeValue::StringList(vec!["motion".into(), "light".into()]),
+            ),
+        ]);
+        let q = ClientGroupQuery::parse(query).unwrap_or_else(|e| panic!("{query}: {e}"));
+        q.matches(&QuerySubject {
+            authentication_name: "Dev1",
+            attributes: &a,
+        })
+    }
+
+    fn parse_err(query: &str) -> QueryError {
+        ClientGroupQuery::parse(query).expect_err(query)
+    }
+
+    #[test]
+    fn equality_on_strings_with_either_quote() {
+        assert!(eval_for("attributes.type = 'sensor'"));
+        assert!(eval_for("attributes.type = \"sensor\""));
+        assert!(
+            !eval_for("attributes.type = 'Sensor'"),
+            "values are case-sensitive"
+        );
+        assert!(
+            !eval_for("attributes.room = 345"),
+            "string vs integer is a mismatch"
+        );
+    }
+
+    #[test]
+    fn doubled_quote_is_a_quote() {
+        let a = attrs(&[("name", s("it's"))]);
+        let q = ClientGroupQuery::parse("attributes.name = 'it''s'").expect("parses");
+        assert!(q.matches(&QuerySubject {
+            authentication_name: "x",
+            attributes: &a,
+        }));
+    }
+
+    #[test]
+    fn not_equal_in_both_spellings() {
+        assert!(eval_for("attributes.type != 'fan'"));
+        assert!(eval_for("attributes.type <> 'fan'"));
+        assert!(!eval_for("attributes.type <> 'sensor'"));
+    }
+
+    #[test]
+    fn integer_ordering() {
+        assert!(eval_for("attributes.floor <= 5"));
+        assert!(eval_for("attributes.floor < 4"));
+        assert!(eval_for("attributes.floor >= 3"));
+        assert!(!eval_for("attributes.floor > 3"));
+        assert!(eval_for("attributes.floor = 3"));
+        assert!(eval_for("attributes.floor > -1"));
+    }
+
+    #[test]
+    fn in_lists_and_not_in() {
+        assert!(eval_for("attributes.type IN ['fan', 'sensor']"));
+        assert!(!eval_for("attributes.type IN ['fan', 'light']"));
+        assert!(eval_for("attributes.floor in [1, 2, 3]"));
+        assert!(eval_for("attributes.type NOT IN ['fan']"));
+        assert!(!eval_for("attributes.type not in ['fan', 'sensor']"));
+    }
+
+    #[test]
+    fn and_binds_tighter_than_or() {
+        // false or (true and true)
+        assert!(eval_for(
+            "attributes.type = 'fan' or attributes.floor = 3 and attributes.room = '345'"
+        ));
+        // (true or x) and false
+        assert!(!eval_for(
+            "(attributes.type = 'sensor' or attributes.floor = 9) and attributes.room = '1'"
+        ));
+        // true or (x and false) -- without the parentheses
+        assert!(eval_for(
+            "attributes.type = 'sensor' or attributes.floor = 9 and attributes.room = '1'"
+        ));
+    }
+
+    #[test]
+    fn not_negates() {
+        assert!(eval_for("NOT attributes.type = 'fan'"));
+        assert!(!eval_for(
+            "not (attributes.type = 'sensor' AND attributes.floor = 3)"
+        ));
+        assert!(eval_for("not not attributes.floor = 3"));
+    }
+
+    #[test]
+    fn booleans() {
+        assert!(eval_for("attributes.critical = true"));
+        assert!(!eval_for("attributes.critical = FALSE"));
+        assert!(!eval_for("attributes.critical = 'true'"));
+    }
+
+    #[test]
+    fn arrays_match_by_element() {
+        assert!(eval_for("attributes.sensors = 'motion'"));
+        assert!(!eval_for("attributes.sensors = 'noise'"));
+        assert!(eval_for("attributes.sensors IN ['noise', 'light']"));
+        assert!(!eval_for("attributes.sensors IN ['noise', 'humidity']"));
+        assert!(!eval_for("attributes.sensors != 'light'"));
+        assert!(eval_for("attributes.sensors NOT IN ['noise']"));
+    }
+
+    #[test]
+    fn missing_attributes_never_match_a_comparison() {
+        assert!(!eval_for("attributes.color = 'red'"));
+        assert!(!eval_for("attributes.color != 'red'"));
+        assert!(!eval_for("attributes.color NOT IN ['red']"));
+        assert!(!eval_for("attributes.color < 10"));
+        assert!(eval_for("NOT attributes.color = 'red'"));
+    }
+
+    #[test]
+    fn authentication_name_in_all_spellings() {
+        assert!(eval_for("authenticationName = 'dev1'"), "caseless");
+        assert!(eval_for("authenticationName IN ['client1', 'DEV1']"));
+        assert!(eval_for("${client.authenticationName} = 'Dev1'"));
+        assert!(eval_for("${client.attributes.floor} = 3"));
+        assert!(!eval_for("authenticationName != 'dev1'"));
+    }
+
+    #[test]
+    fn errors_name_their_position() {
+        let e = parse_err("attributes.type = 'sensor");
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (18, "unterminated string")
+        );
+        let e = parse_err("attribute.type = 'a'");
+        assert_eq!(e.position, 0);
+        assert!(
+            e.message.contains("expected attributes.NAME"),
+            "{}",
+            e.message
+        );
+        let e = parse_err("attributes.type =");
+        assert_eq!(e.position, 17);
+        assert!(e.message.contains("expected a value"), "{}", e.message);
+        let e = parse_err("attributes.floor < 'a'");
+        assert_eq!(e.position, 19);
+        assert!(e.message.contains("integer"), "{}", e.message);
+        let e = parse_err("attributes.a = 1 attributes.b = 2");
+        assert_eq!(e.position, 17);
+        assert!(e.message.contains("after the end"), "{}", e.message);
+        let e = parse_err("(attributes.a = 1");
+        assert_eq!((e.position, e.message.as_str()), (17, "expected ')'"));
+        let e = parse_err("attributes.a IN 'x'");
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (16, "expected '[' after IN")
+        );
+        let e = parse_err("attributes.a IN ['x' 'y']");
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (21, "expected ',' or ']'")
+        );
+        let e = parse_err("attributes.a = 1 ; drop");
+        assert_eq!(e.position, 17);
+        assert!(e.message.contains("unexpected character"), "{}", e.message);
+        let e = parse_err("${client.name} = 'a'");
+        assert_eq!(e.position, 0);
+        assert!(e.message.contains("unknown variable"), "{}", e.message);
+        let e = parse_err("");
+        assert_eq!(e.position, 0);
+        let e = parse_err("attributes.a NOT = 'x'");
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (17, "expected IN after NOT")
+        );
+        let e = parse_err("authenticationName = 3");
+        assert_eq!(e.position, 21);
+        // Positions are characters: the é is one.
+        let e = parse_err("attributes.a = 'é' and");
+        assert_eq!(e.position, 22);
+    }
+}
