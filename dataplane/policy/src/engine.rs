@@ -1050,3 +1050,75 @@ fn connect_ref(grant: &ConnectGrant, entry: Option<usize>) -> RuleRef {
         pattern: entry.map(|i| grant.client_ids[i].text.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn grant(text: &str) -> Grant {
+        let template = Template::parse(text, Dialect::IotOperations).expect("valid template");
+        Grant {
+            owner: 0,
+            by: RuleRef::IotOperations {
+                authorization: "t".into(),
+                rule: 0,
+                resource: 0,
+                entry: None,
+                pattern: Some(template.text.clone()),
+            },
+            template,
+        }
+    }
+
+    #[test]
+    fn index_looks_only_at_grants_whose_first_level_can_match() {
+        let mut index = TopicIndex::default();
+        for i in 0..1000 {
+            index.add(grant(&format!("area{i}/#")));
+        }
+        index.add(grant("+/shared"));
+        index.add(grant("{principal.clientId}/inbox"));
+        let p = Principal::new("c1");
+        let vars = PrincipalVars(&p);
+        let calls = Cell::new(0);
+        let (calls, vars) = (&calls, &vars);
+        let probe = |topic: &'static str| {
+            move |g: &Grant| {
+                calls.set(calls.get() + 1);
+                g.template.matches_topic(topic, vars)
+            }
+        };
+
+        let found = index.find("area500", vars, probe("area500/x"));
+        assert_eq!(found.map(|g| &*g.template.text), Some("area500/#"));
+        assert_eq!(
+            calls.replace(0),
+            1,
+            "one literal bucket; later lists cannot win"
+        );
+
+        let found = index.find("c1", vars, probe("c1/inbox"));
+        assert_eq!(
+            found.map(|g| &*g.template.text),
+            Some("{principal.clientId}/inbox")
+        );
+        assert_eq!(
+            calls.replace(0),
+            2,
+            "the variable bucket and the wildcard list"
+        );
+
+        let found = index.find("nowhere", vars, probe("nowhere/x"));
+        assert!(found.is_none());
+        assert_eq!(calls.replace(0), 1, "only the wildcard list");
+
+        // A wildcard request level can only be covered by a wildcard template level.
+        let found = index.find("+", vars, |g| {
+            calls.set(calls.get() + 1);
+            g.template.covers_filter("+/shared", vars)
+        });
+        assert_eq!(found.map(|g| &*g.template.text), Some("+/shared"));
+        assert_eq!(calls.replace(0), 1);
+    }
+}
