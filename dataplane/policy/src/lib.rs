@@ -15,8 +15,8 @@
 //!   it, and then `by` names that rule or binding.
 //! - **Invariant:** a substituted variable never widens a permission. A client id, username,
 //!   authentication name or attribute that is empty or contains `+`, `#`, `/`, `$` (or U+0000)
-//!   makes every template using it unusable for that client (see [`template`](crate::PolicyEngine)
-//!   docs in `docs/policy.md`).
+//!   makes every template using it unusable for that client; on top of that, variables are
+//!   compared with topic levels piece by piece and never re-parsed (`docs/policy.md`).
 //! - **Invariant:** a SUBSCRIBE filter is allowed only if every topic it can match is allowed:
 //!   `+` and `#` in the request never widen a permission, `$share/{group}/{filter}` is judged on
 //!   `{filter}`, and `$` topics are never covered by templates starting with a wildcard.

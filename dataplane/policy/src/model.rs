@@ -191,3 +191,81 @@ pub struct PermissionBinding {
     pub topic_space_name: String,
     pub permission: Permission,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Policies {
+        rules: Vec<AuthorizationRule>,
+    }
+
+    /// `authorizationPolicies` of the 2024-11-01 `BrokerAuthorization_CreateOrUpdate_MaximumSet_Gen`
+    /// example, state store resources and all.
+    #[test]
+    fn iot_operations_2024_example_deserializes() {
+        let json = r#"{"cache": "Enabled", "rules": [{
+            "brokerResources": [{"method": "Connect", "clientIds": ["nlc"], "topics": ["wvuca"]}],
+            "principals": {"attributes": [{"key5526": "nydhzdhbldygqcn"}],
+                           "clientIds": ["smopeaeddsygz"], "usernames": ["iozngyqndrteikszkbasinzdjtm"]},
+            "stateStoreResources": [{"keyType": "Pattern", "keys": ["tkounsqtwvzyaklxjqoerpu"], "method": "Read"}]
+        }]}"#;
+        let p: Policies = serde_json::from_str(json).expect("deserializes");
+        let rule = &p.rules[0];
+        assert_eq!(rule.principals.client_ids, vec!["smopeaeddsygz"]);
+        assert_eq!(rule.principals.attributes[0]["key5526"], "nydhzdhbldygqcn");
+        assert_eq!(rule.broker_resources[0].method, BrokerMethod::Connect);
+        assert_eq!(rule.broker_resources[0].client_ids, vec!["nlc"]);
+    }
+
+    /// The 2023-10-04-preview spelling `clientids`.
+    #[test]
+    fn iot_operations_mq_2023_example_deserializes() {
+        let json = r#"{"enableCache": true, "rules": [{
+            "brokerResources": [{"method": "Connect", "topics": ["v"]}],
+            "principals": {"attributes": [{}], "clientids": ["smrfzvniq"], "usernames": ["jtwwmsrzriat"]}
+        }]}"#;
+        let p: Policies = serde_json::from_str(json).expect("deserializes");
+        assert_eq!(p.rules[0].principals.client_ids, vec!["smrfzvniq"]);
+        assert!(p.rules[0].principals.attributes[0].is_empty());
+    }
+
+    /// The properties of the `Clients_CreateOrUpdate` example plus the resource name.
+    #[test]
+    fn event_grid_client_example_deserializes_with_typed_attributes() {
+        let json = r#"{"name": "exampleClientName1", "state": "Enabled",
+            "clientCertificateAuthentication": {"validationScheme": "SubjectMatchesAuthenticationName"},
+            "attributes": {"room": "345", "floor": 3, "deviceTypes": ["Fan", "Light", "AC"], "ok": true},
+            "description": "This is a test client"}"#;
+        let c: EventGridClient = serde_json::from_str(json).expect("deserializes");
+        assert_eq!(c.effective_authentication_name(), "exampleClientName1");
+        assert_eq!(c.attributes["room"], AttributeValue::String("345".into()));
+        assert_eq!(c.attributes["floor"], AttributeValue::Int(3));
+        assert_eq!(c.attributes["ok"], AttributeValue::Bool(true));
+        assert_eq!(
+            c.attributes["deviceTypes"],
+            AttributeValue::StringList(vec!["Fan".into(), "Light".into(), "AC".into()])
+        );
+        assert_eq!(
+            c.attributes["floor"].as_template_value().as_deref(),
+            Some("3")
+        );
+        assert_eq!(c.attributes["deviceTypes"].as_template_value(), None);
+        assert_eq!(
+            c.client_certificate_authentication
+                .expect("present")
+                .validation_scheme,
+            crate::x509::ValidationScheme::SubjectMatchesAuthenticationName
+        );
+    }
+
+    #[test]
+    fn permission_binding_example_deserializes() {
+        let json = r#"{"name": "examplePermissionBindingName1", "topicSpaceName": "exampleTopicSpaceName1",
+            "clientGroupName": "exampleClientGroupName1", "permission": "Publisher"}"#;
+        let b: PermissionBinding = serde_json::from_str(json).expect("deserializes");
+        assert_eq!(b.permission, Permission::Publisher);
+        assert_eq!(b.client_group_name, "exampleClientGroupName1");
+    }
+}
