@@ -30,7 +30,7 @@ use crate::model::{
     PolicyModel,
 };
 use crate::query::{ClientGroupQuery, QuerySubject};
-use crate::template::{ClientIdPattern, Dialect, First, Template, Unusable, Var, Vars};
+use crate::template::{ClientIdPattern, Dialect, First, Template, Var, Vars};
 use crate::topic;
 
 /// Topic spaces hold at most this many templates (Event Grid topic-space documentation).
@@ -1021,7 +1021,6 @@ impl PolicyEngine {
 
 fn judge(template: &Template, request: &Request<'_>, vars: &impl Vars) -> (Outcome, String) {
     if let Err(why) = template.usable(vars) {
-        let why: Unusable = why;
         return (Outcome::Unusable, why.to_string());
     }
     let (what, t) = match request {
