@@ -56,7 +56,6 @@ pub(crate) struct ConnOut {
     pub(crate) protocol: Protocol,
     pub(crate) buf: Mutex<BytesMut>,
     pub(crate) notify: Notify,
-    pub(crate) closed: AtomicBool,
     /// Set (with `kick`) to make the connection send DISCONNECT with this code and close.
     pub(crate) kick_reason: AtomicU8,
     pub(crate) kick: Notify,
@@ -82,7 +81,6 @@ impl ConnOut {
             // Empty until used: idle connections hold no buffer memory.
             buf: Mutex::new(BytesMut::new()),
             notify: Notify::new(),
-            closed: AtomicBool::new(false),
             kick_reason: AtomicU8::new(0),
             kick: Notify::new(),
             pressured: AtomicU8::new(0),

@@ -1,12 +1,12 @@
-//! One client connection: CONNECT handling, the read loop, the writer task, wills and session
+//! One client connection: CONNECT handling, the connection loop, wills and session
 //! expiry timers.
 //!
-//! Each connection is two tasks. The reader decodes packets from a reused `BytesMut`, runs them
-//! against the session and the router, and keeps a queue of acknowledgements waiting for store
-//! commits (acks go out in arrival order, [MQTT-4.6.0-2]). While that queue is full it stops
-//! reading the socket: backpressure instead of ack-and-drop. The writer task owns the socket's
-//! write half and writes everything that accumulated in the connection's outbox in one call, so
-//! a burst of deliveries costs one syscall.
+//! Each connection is one task. It decodes packets from a reused `BytesMut`, runs them against
+//! the session and the router, and keeps a queue of acknowledgements waiting for store commits
+//! (acks go out in arrival order, [MQTT-4.6.0-2]). While that queue is full it stops reading the
+//! socket: backpressure instead of ack-and-drop. In the same loop it writes everything that
+//! publishers encoded into its outbox, in one call, so a burst of deliveries costs one syscall.
+//! The handshake and teardown futures are boxed so an idle connection costs only the loop state.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -87,7 +87,33 @@ async fn refuse(wr: &mut WriteHalf<Stream>, protocol: Protocol, code: ReasonCode
 }
 
 /// Serve one accepted connection to its end.
+///
+/// One task per connection. The handshake and the teardown are large, short-lived futures, so
+/// they are boxed: an idle connection's task then holds only [`Conn`] and its loop state, which
+/// is what the 10,000-idle-connections benchmark row measures.
 pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
+    let Some(mut ready) = Box::pin(handshake(shared, acc)).await else {
+        return;
+    };
+    let (end, reason) = ready
+        .conn
+        .run(&mut ready.rd, &mut ready.rbuf, ready.opts, ready.keep_alive)
+        .await;
+    drop(ready.rbuf);
+    Box::pin(ready.conn.finish(end, reason)).await;
+}
+
+/// What a successful handshake hands to the read loop.
+struct Ready {
+    conn: Conn,
+    rd: ReadHalf<Stream>,
+    rbuf: BytesMut,
+    opts: DecodeOptions,
+    keep_alive: u16,
+}
+
+/// CONNECT, admission and session attach; `None` when the connection was refused or closed.
+async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Ready> {
     let Accepted {
         stream,
         peer,
@@ -130,11 +156,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Err(e)) => {
             answer_connect_error(&mut wr, level, &e).await;
-            return;
+            return None;
         }
         _ => {
             let _ = wr.shutdown().await;
-            return;
+            return None;
         }
     };
     let protocol = connect.protocol;
@@ -146,18 +172,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
 
     // 2. Admission: connection quota, authentication, client identifier.
     let current = shared.connections.fetch_add(1, Ordering::AcqRel);
-    let _guard = ConnCount(shared.clone());
+    let count = ConnCount(shared.clone());
     if current >= limits.max_connections {
         shared
             .stats
             .connections_refused
             .fetch_add(1, Ordering::Relaxed);
         refuse(&mut wr, protocol, ReasonCode::QUOTA_EXCEEDED).await;
-        return;
+        return None;
     }
     if connect.properties.authentication_method.is_some() {
         refuse(&mut wr, protocol, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
-        return;
+        return None;
     }
     if let Some(pw) = &shared.passwords {
         let ok = match &connect.username {
@@ -178,7 +204,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
                 ReasonCode::NOT_AUTHORIZED
             };
             refuse(&mut wr, protocol, code).await;
-            return;
+            return None;
         }
     }
     let mut assigned = None;
@@ -186,7 +212,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
         if protocol == Protocol::V311 && !connect.clean_start {
             // [MQTT-3.1.3-8]: empty id with clean session 0 → return code 2.
             refuse(&mut wr, protocol, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
-            return;
+            return None;
         }
         let id = format!("meridian-{}", uuid::Uuid::new_v4().simple());
         if protocol == Protocol::V5 {
@@ -296,53 +322,96 @@ pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
     );
     tracing::debug!(client = %client_id, %peer, "connected");
 
-    let writer = shared
-        .tracker
-        .spawn(writer(wr, out.clone(), shared.clone()));
-    let mut conn = Conn {
+    let meridian_codec::Connect { username, will, .. } = *connect;
+    let conn = Conn {
         shared: shared.clone(),
         key: SessionKey(handle.clone()),
-        handle: handle.clone(),
-        out: out.clone(),
+        handle,
+        out,
         protocol,
-        client_id: client_id.clone(),
-        username: connect.username.clone(),
-        will: connect.will.clone(),
-        pending: FuturesOrdered::new(),
+        generation,
+        client_id,
+        username,
+        will: will.map(Box::new),
+        pending: None,
         matches: Vec::new(),
         rate_window: tokio::time::Instant::now(),
         rate_count: 0,
         pressure: Vec::new(),
+        outbox: Outbox {
+            wr,
+            wbuf: BytesMut::new(),
+            unflushed: false,
+        },
+        _count: count,
     };
-    let (end, reason) = conn.run(&mut rd, &mut rbuf, opts, keep_alive).await;
+    Some(Ready {
+        conn,
+        rd,
+        rbuf,
+        opts,
+        keep_alive,
+    })
+}
 
-    // 5. Tear down: final DISCONNECT, writer drains, session detaches, will and expiry.
-    if protocol == Protocol::V5
-        && let Some(code) = reason
-    {
-        out.push(&Packet::Disconnect(Disconnect {
-            reason_code: code,
-            properties: Properties {
-                reason_string: Some(reason_text(code).to_string()),
-                ..Default::default()
-            },
-        }));
+impl Conn {
+    /// Tear down: final DISCONNECT, outbox drained, session detached, will and expiry.
+    async fn finish(mut self, end: End, reason: Option<ReasonCode>) {
+        let shared = self.shared.clone();
+        if self.protocol == Protocol::V5
+            && let Some(code) = reason
+        {
+            self.out.push(&Packet::Disconnect(Disconnect {
+                reason_code: code,
+                properties: Properties {
+                    reason_string: Some(reason_text(code).to_string()),
+                    ..Default::default()
+                },
+            }));
+        }
+        // Whatever is queued (acks, deliveries, the DISCONNECT) goes out, bounded in time.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                self.outbox.refill(&self.out);
+                if self.outbox.wbuf.is_empty() && !self.outbox.unflushed {
+                    break;
+                }
+                if self.outbox.progress(&self.out, &shared).await.is_err() {
+                    break;
+                }
+            }
+            let _ = self.outbox.wr.shutdown().await;
+        })
+        .await;
+        shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        let code = reason.unwrap_or(match end {
+            End::Normal => ReasonCode::SUCCESS,
+            _ => ReasonCode::UNSPECIFIED_ERROR,
+        });
+        shared.event(
+            "disconnected",
+            serde_json::json!({"client_id": &*self.client_id, "reason_code": code.0,
+                "reason": if reason.is_some() { reason_text(code) } else if end == End::Normal { "normal" } else { "connection closed" }}),
+        );
+        let will = self.will.take();
+        detach(
+            &shared,
+            &self.handle,
+            &self.out,
+            self.generation,
+            end,
+            will.map(|w| *w),
+            &self,
+        );
     }
-    out.closed.store(true, Ordering::Release);
-    out.notify.notify_one();
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
-    let code = reason.unwrap_or(match end {
-        End::Normal => ReasonCode::SUCCESS,
-        _ => ReasonCode::UNSPECIFIED_ERROR,
-    });
-    shared.event(
-        "disconnected",
-        serde_json::json!({"client_id": &*client_id, "reason_code": code.0,
-            "reason": if reason.is_some() { reason_text(code) } else if end == End::Normal { "normal" } else { "connection closed" }}),
-    );
-    let will = conn.will.take();
-    detach(&shared, &handle, &out, generation, end, will, &conn);
+}
+
+/// The next acknowledgement whose commits are done; never resolves while none is waiting.
+async fn next_ack(pending: &mut Option<FuturesOrdered<AckFuture>>) -> Option<PendingAck> {
+    match pending {
+        Some(p) if !p.is_empty() => p.next().await,
+        _ => std::future::pending().await,
+    }
 }
 
 struct ConnCount(Arc<Shared>);
@@ -603,38 +672,65 @@ fn publish_will(shared: &Arc<Shared>, client: &Arc<str>, user: Option<&str>, wil
     }
 }
 
-async fn writer(mut wr: WriteHalf<Stream>, out: Arc<ConnOut>, shared: Arc<Shared>) {
-    let mut wbuf = BytesMut::new();
-    loop {
-        {
+/// The connection's write side: the socket's write half and the bytes being written. Publishers
+/// encode into [`ConnOut::buf`]; the connection's own task swaps that buffer in and writes it,
+/// so a burst of deliveries costs one syscall and no task of its own.
+struct Outbox {
+    wr: WriteHalf<Stream>,
+    wbuf: BytesMut,
+    /// Bytes were written since the last flush (TLS and WebSocket streams buffer).
+    unflushed: bool,
+}
+
+impl Outbox {
+    /// Take what publishers queued, if our own buffer is written out.
+    fn refill(&mut self, out: &ConnOut) {
+        if self.wbuf.is_empty() {
             let mut b = out.buf.lock();
-            std::mem::swap(&mut *b, &mut wbuf);
-        }
-        if wbuf.is_empty() {
-            if out.closed.load(Ordering::Acquire) {
-                break;
+            if !b.is_empty() {
+                std::mem::swap(&mut *b, &mut self.wbuf);
             }
-            out.notify.notified().await;
-            continue;
         }
-        if wr.write_all(&wbuf).await.is_err() {
-            out.closed.store(true, Ordering::Release);
-            out.kick(0);
-            break;
+    }
+
+    /// One step of writing: write some bytes, flush, or wait until something is queued.
+    /// Cancel-safe: all progress is recorded in `self` only after an await completes.
+    async fn progress(&mut self, out: &ConnOut, shared: &Shared) -> std::io::Result<()> {
+        self.refill(out);
+        if self.wbuf.is_empty() {
+            if self.unflushed {
+                self.wr.flush().await?;
+                self.unflushed = false;
+            } else {
+                out.notify.notified().await;
+            }
+            return Ok(());
         }
+        let n = self.wr.write(&self.wbuf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        self.unflushed = true;
+        bytes::Buf::advance(&mut self.wbuf, n);
         shared
             .stats
             .bytes_sent
-            .fetch_add(wbuf.len() as u64, Ordering::Relaxed);
-        wbuf.clear();
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if self.wbuf.is_empty() {
+            if self.wbuf.capacity() > 64 * 1024 {
+                // A burst is over: do not keep its buffer for a connection that may go idle.
+                self.wbuf = BytesMut::new();
+            } else {
+                self.wbuf.clear();
+            }
+        }
         if out.pressured.load(Ordering::Acquire) & PRESSURE_OUTBOX != 0
             && out.buf.lock().len() < shared.cfg.limits.max_outbound_buffer / 2
         {
             out.relieve(PRESSURE_OUTBOX);
         }
+        Ok(())
     }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
 }
 
 struct Conn {
@@ -643,15 +739,21 @@ struct Conn {
     handle: Arc<SessionHandle>,
     out: Arc<ConnOut>,
     protocol: Protocol,
+    /// The session generation this connection attached as (a takeover bumps it).
+    generation: u64,
     client_id: Arc<str>,
     username: Option<String>,
-    will: Option<Will>,
-    pending: FuturesOrdered<AckFuture>,
+    /// Boxed: most clients have no will, and an idle connection should stay small.
+    will: Option<Box<Will>>,
+    /// Acks waiting for store commits; created on first use (idle connections never need it).
+    pending: Option<FuturesOrdered<AckFuture>>,
     matches: Vec<Match<SessionKey>>,
     rate_window: tokio::time::Instant,
     rate_count: u32,
     /// Subscribers whose queues are above the high-water mark after our last PUBLISH.
     pressure: Vec<Arc<ConnOut>>,
+    outbox: Outbox,
+    _count: ConnCount,
 }
 
 type Flow = Result<(), (End, Option<ReasonCode>)>;
@@ -675,7 +777,7 @@ impl Conn {
         let max_pending = usize::from(self.shared.cfg.limits.receive_maximum).max(1);
         loop {
             // Decode whatever is buffered, unless acks are backed up (then stop reading).
-            while self.pending.len() < max_pending {
+            while self.pending_len() < max_pending {
                 match meridian_codec::decode(rbuf, &opts) {
                     Ok(Some(p)) => {
                         if let Err(e) = self.on_packet(p) {
@@ -694,20 +796,36 @@ impl Conn {
             }
             // Backpressure: a subscriber we feed is falling behind, so stop reading from this
             // publisher until it drains (bounded, after which its overflow policy applies).
+            // Our own outbox keeps being written meanwhile: we may be that subscriber.
             if !self.pressure.is_empty() {
                 // One deadline for all of them, so many slow subscribers cost one bounded pause.
                 let deadline = tokio::time::Instant::now() + PRESSURE_WAIT;
                 while let Some(h) = self.pressure.pop() {
                     let drained = h.drained.notified();
-                    if h.pressured.load(Ordering::Acquire) != 0
-                        && tokio::time::timeout_at(deadline, drained).await.is_err()
-                    {
-                        h.stuck.store(true, Ordering::Release);
+                    tokio::pin!(drained);
+                    loop {
+                        if h.pressured.load(Ordering::Acquire) == 0 {
+                            break;
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = &mut drained => break,
+                            _ = tokio::time::sleep_until(deadline) => {
+                                h.stuck.store(true, Ordering::Release);
+                                break;
+                            }
+                            r = self.outbox.progress(&self.out, &self.shared) => {
+                                if r.is_err() {
+                                    return (End::WithWill, None);
+                                }
+                            }
+                        }
                     }
                 }
                 // Packets may already be buffered: decode them before waiting for the socket.
                 continue;
             }
+            let reading = self.pending_len() < max_pending;
             tokio::select! {
                 biased;
                 _ = self.shared.cancel.cancelled() => {
@@ -720,10 +838,15 @@ impl Conn {
                     }
                     return (End::WithWill, None);
                 }
-                Some(ack) = self.pending.next(), if !self.pending.is_empty() => {
+                Some(ack) = next_ack(&mut self.pending) => {
                     self.finish_ack(ack);
                 }
-                r = rd.read_buf(rbuf), if self.pending.len() < max_pending => {
+                r = self.outbox.progress(&self.out, &self.shared) => {
+                    if r.is_err() {
+                        return (End::WithWill, None);
+                    }
+                }
+                r = rd.read_buf(rbuf), if reading => {
                     match r {
                         Ok(0) | Err(_) => return (End::WithWill, None),
                         Ok(n) => {
@@ -746,6 +869,10 @@ impl Conn {
         }
     }
 
+    fn pending_len(&self) -> usize {
+        self.pending.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
     fn finish_ack(&mut self, ack: PendingAck) {
         let mut packet = ack.packet;
         if !ack.ok
@@ -765,7 +892,7 @@ impl Conn {
 
     /// Send an ack now, or behind acks still waiting for commits (order is kept).
     fn ack_after(&mut self, packet: Packet, qos1: bool, commits: Vec<Commit>) {
-        if commits.is_empty() && self.pending.is_empty() {
+        if commits.is_empty() && self.pending_len() == 0 {
             self.finish_ack(PendingAck {
                 packet,
                 qos1,
@@ -773,7 +900,8 @@ impl Conn {
             });
             return;
         }
-        self.pending.push_back(Box::pin(async move {
+        let pending = self.pending.get_or_insert_with(FuturesOrdered::new);
+        pending.push_back(Box::pin(async move {
             let mut ok = true;
             for c in commits {
                 if let Err(e) = c.await {
