@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod compile;
 pub mod deployments;
 pub mod engine;
 pub mod error;

@@ -106,6 +106,44 @@ pub enum ListScope {
     Subscription(String),
 }
 
+/// One part of a [`Store::read_consistent`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadSelector {
+    /// The row with exactly this lower-cased id.
+    Id(String),
+    /// Rows whose lower-cased id starts with this prefix (end it with `/` to read only
+    /// descendants of a resource).
+    IdPrefix(String),
+    /// Every row of one lower-cased type in one lower-cased subscription.
+    TypeInSubscription {
+        /// Lower-cased type name, e.g. `microsoft.eventgrid/namespaces`.
+        type_key: String,
+        /// Lower-cased subscription id.
+        subscription_key: String,
+    },
+}
+
+/// The smallest string greater than every string that starts with `prefix` and is not itself
+/// such a string, so `prefix <= id < bound` selects exactly the ids starting with `prefix`
+/// (bytewise order: SQLite's BINARY collation, Postgres `COLLATE "C"`). UTF-8 byte order is code
+/// point order, so bumping the last code point works.
+fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        // Skip the surrogate gap; a char at the very top of the range has no successor, so drop it
+        // and bump the one before.
+        let next = match last as u32 {
+            0xD7FF => Some('\u{E000}'),
+            n => char::from_u32(n + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 /// The storage contract of the engine.
 pub trait Store: Send + Sync + 'static {
     /// Reads one resource by lower-cased id.
@@ -138,6 +176,13 @@ pub trait Store: Send + Sync + 'static {
     fn get_operation<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<OperationRecord>>;
     /// Updates an operation's status (and end time / error when terminal).
     fn update_operation<'a>(&'a self, op: &'a OperationRecord) -> StoreFuture<'a, ()>;
+    /// Reads every row any selector matches, all from one read transaction (one consistent view
+    /// of the database: no write commits "between" the selectors), without duplicates, ordered
+    /// by id key. The config compiler reads a broker's whole desired state with it.
+    fn read_consistent<'a>(
+        &'a self,
+        selectors: &'a [ReadSelector],
+    ) -> StoreFuture<'a, Vec<StoredResource>>;
 }
 
 fn map_write_error(e: sqlx::Error) -> StoreError {
@@ -203,8 +248,11 @@ const COLUMNS: &str = "id_key, id, parent_key, subscription_key, resource_group_
 /// Generates the `Store` impl for one sqlx pool type from shared SQL (placeholders are `$n`,
 /// which both drivers accept). `$begin` is how a write transaction starts: SQLite takes the write
 /// lock up front (`BEGIN IMMEDIATE`) so two writers queue instead of failing to upgrade.
+/// `$read_begin` starts a multi-statement read that sees one snapshot: a deferred `BEGIN` in
+/// SQLite (WAL readers keep the snapshot of their first read until the end), `REPEATABLE READ`
+/// in Postgres (its default, READ COMMITTED, takes a new snapshot per statement).
 macro_rules! impl_store {
-    ($store:ty, $begin:expr) => {
+    ($store:ty, $begin:expr, $read_begin:expr) => {
         impl Store for $store {
             fn get<'a>(&'a self, id_key: &'a str) -> StoreFuture<'a, Option<StoredResource>> {
                 Box::pin(async move {
@@ -380,6 +428,70 @@ macro_rules! impl_store {
                     Ok(())
                 })
             }
+
+            fn read_consistent<'a>(
+                &'a self,
+                selectors: &'a [ReadSelector],
+            ) -> StoreFuture<'a, Vec<StoredResource>> {
+                Box::pin(async move {
+                    let mut tx = self.pool.begin_with($read_begin).await?;
+                    let mut rows = std::collections::BTreeMap::new();
+                    for selector in selectors {
+                        let found = match selector {
+                            ReadSelector::Id(id) => {
+                                let sql =
+                                    format!("SELECT {COLUMNS} FROM resources WHERE id_key = $1");
+                                sqlx::query(sqlx::AssertSqlSafe(sql))
+                                    .bind(id)
+                                    .fetch_all(&mut *tx)
+                                    .await?
+                            }
+                            ReadSelector::IdPrefix(prefix) => match prefix_upper_bound(prefix) {
+                                Some(bound) => {
+                                    let sql = format!(
+                                        "SELECT {COLUMNS} FROM resources \
+                                         WHERE id_key >= $1 AND id_key < $2"
+                                    );
+                                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                                        .bind(prefix)
+                                        .bind(bound)
+                                        .fetch_all(&mut *tx)
+                                        .await?
+                                }
+                                None => {
+                                    let sql = format!(
+                                        "SELECT {COLUMNS} FROM resources WHERE id_key >= $1"
+                                    );
+                                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                                        .bind(prefix)
+                                        .fetch_all(&mut *tx)
+                                        .await?
+                                }
+                            },
+                            ReadSelector::TypeInSubscription {
+                                type_key,
+                                subscription_key,
+                            } => {
+                                let sql = format!(
+                                    "SELECT {COLUMNS} FROM resources \
+                                     WHERE type_key = $1 AND subscription_key = $2"
+                                );
+                                sqlx::query(sqlx::AssertSqlSafe(sql))
+                                    .bind(type_key)
+                                    .bind(subscription_key)
+                                    .fetch_all(&mut *tx)
+                                    .await?
+                            }
+                        };
+                        for row in &found {
+                            let res = row_to_resource(row)?;
+                            rows.insert(res.id_key.clone(), res);
+                        }
+                    }
+                    tx.commit().await?;
+                    Ok(rows.into_values().collect())
+                })
+            }
         }
     };
 }
@@ -442,7 +554,7 @@ impl SqliteStore {
     }
 }
 
-impl_store!(SqliteStore, "BEGIN IMMEDIATE");
+impl_store!(SqliteStore, "BEGIN IMMEDIATE", "BEGIN");
 
 /// The production store.
 #[derive(Debug, Clone)]
@@ -462,4 +574,8 @@ impl PostgresStore {
     }
 }
 
-impl_store!(PostgresStore, "BEGIN");
+impl_store!(
+    PostgresStore,
+    "BEGIN",
+    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+);

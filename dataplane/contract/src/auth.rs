@@ -150,9 +150,13 @@ pub struct CustomAuthSettings {
     pub client_cert_secret_ref: Option<String>,
 }
 
-/// Custom authentication's default timeout in seconds (the specs define none).
-pub(crate) fn default_custom_timeout() -> u32 {
-    10
+impl CustomAuthSettings {
+    /// The timeout when the resource sets none (the specs define no timeout field).
+    pub const DEFAULT_TIMEOUT_SECONDS: u32 = 10;
+}
+
+fn default_custom_timeout() -> u32 {
+    CustomAuthSettings::DEFAULT_TIMEOUT_SECONDS
 }
 
 /// `Svid` settings (MQ 2023), carried.

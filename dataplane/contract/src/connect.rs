@@ -28,7 +28,7 @@ pub struct Bridge {
     /// The spec's `localBrokerConnection` (endpoint, TLS, auth toward the local broker), carried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_broker_connection: Option<Value>,
-    /// Topic maps that name this connector (`mqttBridgeConnectorRef`), sorted by id.
+    /// Topic maps under this connector (its `topicMap` children), sorted by id.
     #[serde(default)]
     pub topic_maps: Vec<BridgeTopicMap>,
     /// Other spec fields (image, logLevel, nodeTolerations, ...).
