@@ -45,7 +45,7 @@ use crate::{
     resources::{
         eventgrid_models as eg, iotoperations_models as aio, iotoperationsmq_models as mq,
     },
-    store::{ReadSelector, Store, StoreError, StoredResource},
+    store::{ListScope, ReadSelector, Store, StoreError, StoredResource},
 };
 
 pub use meridian_contract as contract;
@@ -1051,23 +1051,45 @@ pub async fn brokers_affected_by(
                 .await
             }
         }
-        None => {
-            // The instance / mq itself.
-            let sel = [ReadSelector::IdPrefix(format!("{container_key}/"))];
-            broker_ids(store, &sel, |r| r.type_key == broker_type, None).await
-        }
+        // The instance / mq itself, or its dataflow / bridge resources.
+        None => brokers_under(store, broker_type, &container_key).await,
         Some((t, _))
             if (outer == "instances"
                 && (t.eq_ignore_ascii_case("dataflowEndpoints")
                     || t.eq_ignore_ascii_case("dataflowProfiles")))
                 || bridge_child.is_some_and(|b| t.eq_ignore_ascii_case(b)) =>
         {
-            let sel = [ReadSelector::IdPrefix(format!("{container_key}/"))];
-            broker_ids(store, &sel, |r| r.type_key == broker_type, None).await
+            brokers_under(store, broker_type, &container_key).await
         }
         Some(_) => Ok(Vec::new()),
     }
 }
+
+/// The brokers (children of type `broker_type`) of one instance / mq, read through the parent
+/// index rather than the whole subtree.
+async fn brokers_under(
+    store: &dyn Store,
+    broker_type: &str,
+    container_key: &str,
+) -> Result<Vec<String>, CompileError> {
+    let scope = ListScope::Parent(container_key.to_owned());
+    let mut ids: BTreeMap<String, String> = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .list(broker_type, &scope, after.as_deref(), BROKER_PAGE)
+            .await?;
+        let full = page.len() as i64 == BROKER_PAGE;
+        after = page.last().map(|r| r.id_key.clone());
+        ids.extend(page.into_iter().map(|r| (r.id_key, r.id)));
+        if !full {
+            return Ok(ids.into_values().collect());
+        }
+    }
+}
+
+/// Page size of [`brokers_under`].
+const BROKER_PAGE: i64 = 500;
 
 /// Broker ids among the rows `selectors` read that `keep` accepts, plus `also` (an id that may
 /// no longer be stored), deduplicated case-insensitively and sorted.
