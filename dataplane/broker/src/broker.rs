@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use meridian_codec::{Packet, Properties, Protocol, QoS};
 use meridian_net::{ListenerSpec, NetError, TlsFiles, Transport};
 use meridian_store::{Commit, FsyncPolicy, Op, RedbStore, SessionStore, StoreError};
@@ -50,20 +51,26 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The write side of one network connection: an outbox the writer task drains in one write.
+/// The write side of one network connection: an outbox its connection task drains in one write.
+///
+/// Kept small (one per connection): the wake-up is an `AtomicWaker` plus a flag rather than a
+/// `Notify`, and the "a subscriber drained" notification is one `Notify` shared by the node.
 #[derive(Debug)]
 pub(crate) struct ConnOut {
     pub(crate) protocol: Protocol,
     pub(crate) buf: Mutex<BytesMut>,
-    pub(crate) notify: Notify,
-    /// Set (with `kick`) to make the connection send DISCONNECT with this code and close.
+    waker: AtomicWaker,
+    /// Something was queued or a kick was set since the connection last looked.
+    signalled: AtomicBool,
+    /// Set (with [`ConnOut::kick`]) to make the connection send DISCONNECT with this code and
+    /// close; 0 = not kicked. The kick wakes the connection like new output does.
     pub(crate) kick_reason: AtomicU8,
-    pub(crate) kick: Notify,
     /// Set while this subscriber falls behind (session queue or outbox above its high-water
     /// mark); publishers that feed it pause reading (bounded) until `drained` fires.
     /// Bits: [`PRESSURE_QUEUE`], [`PRESSURE_OUTBOX`]; 0 = keeping up.
     pub(crate) pressured: AtomicU8,
-    pub(crate) drained: Notify,
+    /// Shared by every connection of the node; waiters re-check `pressured` after a wake-up.
+    pub(crate) drained: Arc<Notify>,
     /// A publisher already waited the full pause for this subscriber: stop pausing for it (its
     /// overflow policy applies) until it catches up, so one stuck client cannot throttle all.
     pub(crate) stuck: AtomicBool,
@@ -75,18 +82,40 @@ pub(crate) const PRESSURE_QUEUE: u8 = 1;
 pub(crate) const PRESSURE_OUTBOX: u8 = 2;
 
 impl ConnOut {
-    pub(crate) fn new(protocol: Protocol) -> ConnOut {
+    pub(crate) fn new(protocol: Protocol, drained: Arc<Notify>) -> ConnOut {
         ConnOut {
             protocol,
             // Empty until used: idle connections hold no buffer memory.
             buf: Mutex::new(BytesMut::new()),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
+            signalled: AtomicBool::new(false),
             kick_reason: AtomicU8::new(0),
-            kick: Notify::new(),
             pressured: AtomicU8::new(0),
-            drained: Notify::new(),
+            drained,
             stuck: AtomicBool::new(false),
         }
+    }
+
+    /// Wake the connection task: output was queued or a kick was set.
+    pub(crate) fn wake(&self) {
+        self.signalled.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once [`ConnOut::wake`] was called since the last time it resolved.
+    pub(crate) fn signalled(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.signalled.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Re-check after registering: a wake in between would otherwise be missed.
+            if self.signalled.swap(false, Ordering::AcqRel) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     /// Encode a packet into the outbox (the caller wakes the writer).
@@ -99,7 +128,7 @@ impl ConnOut {
 
     pub(crate) fn send(&self, p: &Packet) {
         self.push(p);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Clear pressure bits; when none is left, wake paused publishers.
@@ -113,7 +142,7 @@ impl ConnOut {
 
     pub(crate) fn kick(&self, reason: u8) {
         self.kick_reason.store(reason, Ordering::Release);
-        self.kick.notify_one();
+        self.wake();
     }
 }
 
@@ -178,6 +207,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) connections: AtomicUsize,
     pub(crate) cancel: CancellationToken,
+    /// Fired when any subscriber stops being pressured (see [`ConnOut::pressured`]).
+    pub(crate) drained: Arc<Notify>,
     pub(crate) tracker: TaskTracker,
     pub(crate) started: Instant,
 }
@@ -259,7 +290,7 @@ impl Shared {
             }
         }
         if sent && let Some(conn) = &inner.conn {
-            conn.notify.notify_one();
+            conn.wake();
         }
         if !ops.is_empty()
             && let Some(store) = &self.store
@@ -481,11 +512,8 @@ impl Shared {
         }
         let (filters, shared_msgs) = {
             let mut inner = h.inner.lock();
-            let filters: Vec<String> = inner
-                .session
-                .subscriptions
-                .drain()
-                .map(|(f, _)| f)
+            let filters: Vec<String> = std::mem::take(&mut inner.session.subscriptions)
+                .into_keys()
                 .collect();
             let mut actions = Vec::new();
             let taken = inner.session.take_shared(None, &mut actions);
@@ -693,6 +721,7 @@ impl Broker {
             stats: Stats::default(),
             connections: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
+            drained: Arc::new(Notify::new()),
             tracker: TaskTracker::new(),
             started: Instant::now(),
             cfg,
@@ -786,6 +815,15 @@ impl RunningBroker {
     pub async fn shutdown(self) {
         self.ready.store(false, Ordering::Release);
         self.shared.cancel.cancel();
+        // Connections wait on their kick, not on the cancellation token (it keeps idle
+        // connections small): tell each one. One that attaches after this sweep sees the
+        // cancelled token itself.
+        let handles: Vec<_> = self.shared.sessions.lock().values().cloned().collect();
+        for h in handles {
+            if let Some(out) = &h.inner.lock().conn {
+                out.kick(meridian_codec::ReasonCode::SERVER_SHUTTING_DOWN.0);
+            }
+        }
         self.shared.tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), self.shared.tracker.wait())
             .await

@@ -91,29 +91,20 @@ async fn refuse(wr: &mut WriteHalf<Stream>, protocol: Protocol, code: ReasonCode
 /// One task per connection. The handshake and the teardown are large, short-lived futures, so
 /// they are boxed: an idle connection's task then holds only [`Conn`] and its loop state, which
 /// is what the 10,000-idle-connections benchmark row measures.
-pub(crate) async fn serve(shared: Arc<Shared>, acc: Accepted) {
-    let Some(mut ready) = Box::pin(handshake(shared, acc)).await else {
-        return;
-    };
-    let (end, reason) = ready
-        .conn
-        .run(&mut ready.rd, &mut ready.rbuf, ready.opts, ready.keep_alive)
-        .await;
-    drop(ready.rbuf);
-    Box::pin(ready.conn.finish(end, reason)).await;
-}
-
-/// What a successful handshake hands to the read loop.
-struct Ready {
-    conn: Conn,
-    rd: ReadHalf<Stream>,
-    rbuf: BytesMut,
-    opts: DecodeOptions,
-    keep_alive: u16,
+pub(crate) fn serve(shared: Arc<Shared>, acc: Accepted) -> impl Future<Output = ()> + Send {
+    // Boxed before the outer future exists, so the outer future does not keep room for `acc`.
+    let handshake = Box::pin(handshake(shared, acc));
+    async move {
+        let Some(mut conn) = handshake.await else {
+            return;
+        };
+        let (end, reason) = conn.run().await;
+        Box::pin(conn.finish(end, reason)).await;
+    }
 }
 
 /// CONNECT, admission and session attach; `None` when the connection was refused or closed.
-async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Ready> {
+async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Conn> {
     let Accepted {
         stream,
         peer,
@@ -244,7 +235,7 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Ready> {
     }
 
     // 4. Attach to (or create) the session; kick a connection that holds it.
-    let out = Arc::new(ConnOut::new(protocol));
+    let out = Arc::new(ConnOut::new(protocol, shared.drained.clone()));
     let (handle, session_present, generation) =
         attach(&shared, &client_id, connect.clean_start, expiry);
 
@@ -306,7 +297,11 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Ready> {
         drop(inner);
         shared.report_drops(drops);
     }
-    out.notify.notify_one();
+    if shared.cancel.is_cancelled() {
+        // Shutdown began while we attached: its sweep of connections may have missed us.
+        out.kick(ReasonCode::SERVER_SHUTTING_DOWN.0);
+    }
+    out.wake();
     shared.stats.connected.fetch_add(1, Ordering::Relaxed);
     shared
         .stats
@@ -324,9 +319,8 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Ready> {
 
     let meridian_codec::Connect { username, will, .. } = *connect;
     let conn = Conn {
-        shared: shared.clone(),
-        key: SessionKey(handle.clone()),
-        handle,
+        shared,
+        key: SessionKey(handle),
         out,
         protocol,
         generation,
@@ -344,14 +338,12 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Ready> {
             unflushed: false,
         },
         _count: count,
-    };
-    Some(Ready {
-        conn,
         rd,
         rbuf,
         opts,
         keep_alive,
-    })
+    };
+    Some(conn)
 }
 
 impl Conn {
@@ -396,7 +388,7 @@ impl Conn {
         let will = self.will.take();
         detach(
             &shared,
-            &self.handle,
+            &self.key.0,
             &self.out,
             self.generation,
             end,
@@ -407,7 +399,7 @@ impl Conn {
 }
 
 /// The next acknowledgement whose commits are done; never resolves while none is waiting.
-async fn next_ack(pending: &mut Option<FuturesOrdered<AckFuture>>) -> Option<PendingAck> {
+async fn next_ack(pending: &mut Option<Box<FuturesOrdered<AckFuture>>>) -> Option<PendingAck> {
     match pending {
         Some(p) if !p.is_empty() => p.next().await,
         _ => std::future::pending().await,
@@ -500,11 +492,8 @@ fn attach(
 fn end_replaced_session(shared: &Arc<Shared>, old: &Arc<SessionHandle>) {
     let (filters, taken) = {
         let mut inner = old.inner.lock();
-        let filters: Vec<String> = inner
-            .session
-            .subscriptions
-            .drain()
-            .map(|(f, _)| f)
+        let filters: Vec<String> = std::mem::take(&mut inner.session.subscriptions)
+            .into_keys()
             .collect();
         let mut actions = Vec::new();
         let taken = inner.session.take_shared(None, &mut actions);
@@ -702,11 +691,17 @@ impl Outbox {
                 self.wr.flush().await?;
                 self.unflushed = false;
             } else {
-                out.notify.notified().await;
+                out.signalled().await;
             }
             return Ok(());
         }
-        let n = self.wr.write(&self.wbuf).await?;
+        let n = tokio::select! {
+            biased;
+            r = self.wr.write(&self.wbuf) => r?,
+            // Woken while the socket is full: the caller checks for a kick, which must not
+            // wait for a client that stopped reading. Nothing was written, so nothing is lost.
+            _ = out.signalled() => return Ok(()),
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -717,8 +712,8 @@ impl Outbox {
             .bytes_sent
             .fetch_add(n as u64, Ordering::Relaxed);
         if self.wbuf.is_empty() {
-            if self.wbuf.capacity() > 64 * 1024 {
-                // A burst is over: do not keep its buffer for a connection that may go idle.
+            if out.buf.lock().is_empty() {
+                // Nothing more to write: the connection may go idle, so it keeps no buffer.
                 self.wbuf = BytesMut::new();
             } else {
                 self.wbuf.clear();
@@ -735,8 +730,8 @@ impl Outbox {
 
 struct Conn {
     shared: Arc<Shared>,
+    /// The session (compared by identity in the router).
     key: SessionKey,
-    handle: Arc<SessionHandle>,
     out: Arc<ConnOut>,
     protocol: Protocol,
     /// The session generation this connection attached as (a takeover bumps it).
@@ -746,7 +741,7 @@ struct Conn {
     /// Boxed: most clients have no will, and an idle connection should stay small.
     will: Option<Box<Will>>,
     /// Acks waiting for store commits; created on first use (idle connections never need it).
-    pending: Option<FuturesOrdered<AckFuture>>,
+    pending: Option<Box<FuturesOrdered<AckFuture>>>,
     matches: Vec<Match<SessionKey>>,
     rate_window: tokio::time::Instant,
     rate_count: u32,
@@ -754,6 +749,11 @@ struct Conn {
     pressure: Vec<Arc<ConnOut>>,
     outbox: Outbox,
     _count: ConnCount,
+    rd: ReadHalf<Stream>,
+    /// Bytes read and not yet decoded; empty (no allocation) while idle.
+    rbuf: BytesMut,
+    opts: DecodeOptions,
+    keep_alive: u16,
 }
 
 type Flow = Result<(), (End, Option<ReasonCode>)>;
@@ -764,13 +764,8 @@ fn violation(code: ReasonCode) -> Flow {
 
 impl Conn {
     /// The read loop. Returns how it ended and the DISCONNECT reason to send (v5), if any.
-    async fn run(
-        &mut self,
-        rd: &mut ReadHalf<Stream>,
-        rbuf: &mut BytesMut,
-        opts: DecodeOptions,
-        keep_alive: u16,
-    ) -> (End, Option<ReasonCode>) {
+    async fn run(&mut self) -> (End, Option<ReasonCode>) {
+        let keep_alive = self.keep_alive;
         let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(86400)));
         tokio::pin!(sleep);
@@ -778,7 +773,7 @@ impl Conn {
         loop {
             // Decode whatever is buffered, unless acks are backed up (then stop reading).
             while self.pending_len() < max_pending {
-                match meridian_codec::decode(rbuf, &opts) {
+                match meridian_codec::decode(&mut self.rbuf, &self.opts) {
                     Ok(Some(p)) => {
                         if let Err(e) = self.on_packet(p) {
                             return e;
@@ -798,46 +793,25 @@ impl Conn {
             // publisher until it drains (bounded, after which its overflow policy applies).
             // Our own outbox keeps being written meanwhile: we may be that subscriber.
             if !self.pressure.is_empty() {
-                // One deadline for all of them, so many slow subscribers cost one bounded pause.
-                let deadline = tokio::time::Instant::now() + PRESSURE_WAIT;
-                while let Some(h) = self.pressure.pop() {
-                    let drained = h.drained.notified();
-                    tokio::pin!(drained);
-                    loop {
-                        if h.pressured.load(Ordering::Acquire) == 0 {
-                            break;
-                        }
-                        tokio::select! {
-                            biased;
-                            _ = &mut drained => break,
-                            _ = tokio::time::sleep_until(deadline) => {
-                                h.stuck.store(true, Ordering::Release);
-                                break;
-                            }
-                            r = self.outbox.progress(&self.out, &self.shared) => {
-                                if r.is_err() {
-                                    return (End::WithWill, None);
-                                }
-                            }
-                        }
-                    }
+                // Boxed: a rare path whose state would otherwise enlarge every connection.
+                if Box::pin(self.wait_for_subscribers()).await.is_err() {
+                    return (End::WithWill, None);
                 }
                 // Packets may already be buffered: decode them before waiting for the socket.
                 continue;
             }
+            // Shutdown, takeover and policy changes arrive as a kick that wakes the outbox (no
+            // per-connection cancellation future or second Notify: idle connections stay small).
+            match self.out.kick_reason.load(Ordering::Acquire) {
+                0 => {}
+                r if r == ReasonCode::SESSION_TAKEN_OVER.0 => {
+                    return (End::TakenOver, Some(ReasonCode::SESSION_TAKEN_OVER));
+                }
+                r => return (End::WithWill, Some(ReasonCode(r))),
+            }
             let reading = self.pending_len() < max_pending;
             tokio::select! {
                 biased;
-                _ = self.shared.cancel.cancelled() => {
-                    return (End::WithWill, Some(ReasonCode::SERVER_SHUTTING_DOWN));
-                }
-                _ = self.out.kick.notified() => {
-                    let r = self.out.kick_reason.load(Ordering::Acquire);
-                    if r == ReasonCode::SESSION_TAKEN_OVER.0 {
-                        return (End::TakenOver, Some(ReasonCode::SESSION_TAKEN_OVER));
-                    }
-                    return (End::WithWill, None);
-                }
                 Some(ack) = next_ack(&mut self.pending) => {
                     self.finish_ack(ack);
                 }
@@ -846,14 +820,14 @@ impl Conn {
                         return (End::WithWill, None);
                     }
                 }
-                r = rd.read_buf(rbuf), if reading => {
+                r = self.rd.read_buf(&mut self.rbuf), if reading => {
                     match r {
                         Ok(0) | Err(_) => return (End::WithWill, None),
                         Ok(n) => {
                             // Grow the read buffer only for connections that fill it: idle
                             // connections stay small, busy ones read in large chunks.
-                            if rbuf.capacity() == rbuf.len() {
-                                rbuf.reserve((n * 2).clamp(1024, 64 * 1024));
+                            if self.rbuf.capacity() == self.rbuf.len() {
+                                self.rbuf.reserve((n * 2).clamp(1024, 64 * 1024));
                             }
                             self.shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             if let Some(ka) = ka {
@@ -869,8 +843,36 @@ impl Conn {
         }
     }
 
+    /// Pause (bounded by one deadline for all of them, so many slow subscribers cost one
+    /// pause) until the subscribers in `pressure` drain. Err when our own socket failed.
+    async fn wait_for_subscribers(&mut self) -> std::io::Result<()> {
+        let deadline = tokio::time::Instant::now() + PRESSURE_WAIT;
+        while let Some(h) = self.pressure.pop() {
+            loop {
+                // The drained notification is node-wide: register first, then re-check this
+                // subscriber, so a wake-up between the two is not missed.
+                let drained = h.drained.notified();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                if h.pressured.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut drained => {}
+                    _ = tokio::time::sleep_until(deadline) => {
+                        h.stuck.store(true, Ordering::Release);
+                        break;
+                    }
+                    r = self.outbox.progress(&self.out, &self.shared) => r?,
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn pending_len(&self) -> usize {
-        self.pending.as_ref().map_or(0, FuturesOrdered::len)
+        self.pending.as_ref().map_or(0, |p| p.len())
     }
 
     fn finish_ack(&mut self, ack: PendingAck) {
@@ -881,7 +883,7 @@ impl Conn {
             r.reason_code = ReasonCode::UNSPECIFIED_ERROR;
         }
         if ack.qos1 {
-            self.handle.inner.lock().session.inbound_acked();
+            self.key.0.inner.lock().session.inbound_acked();
         }
         self.out.send(&packet);
     }
@@ -900,7 +902,9 @@ impl Conn {
             });
             return;
         }
-        let pending = self.pending.get_or_insert_with(FuturesOrdered::new);
+        let pending = self
+            .pending
+            .get_or_insert_with(|| Box::new(FuturesOrdered::new()));
         pending.push_back(Box::pin(async move {
             let mut ok = true;
             for c in commits {
@@ -927,7 +931,7 @@ impl Conn {
             Packet::PubComp(r) => self.session_event(Event::PubComp(r.packet_id)),
             Packet::PubRel(r) => {
                 let (known, persistent) = {
-                    let mut inner = self.handle.inner.lock();
+                    let mut inner = self.key.0.inner.lock();
                     let known = inner.session.inbound_pubrel(r.packet_id);
                     (known, inner.session.persistent())
                 };
@@ -963,7 +967,7 @@ impl Conn {
                 if self.protocol == Protocol::V5
                     && let Some(new) = d.properties.session_expiry_interval
                 {
-                    let mut inner = self.handle.inner.lock();
+                    let mut inner = self.key.0.inner.lock();
                     if inner.session.expiry_interval == 0 && new != 0 {
                         // [MQTT-3.14.2-2]
                         return violation(ReasonCode::PROTOCOL_ERROR);
@@ -987,7 +991,7 @@ impl Conn {
         let mut commits = Vec::new();
         let mut drops = Vec::new();
         let relieved = {
-            let mut inner = self.handle.inner.lock();
+            let mut inner = self.key.0.inner.lock();
             inner.session.handle(ev, now_ms(), &mut actions);
             self.shared.apply(
                 &self.client_id,
@@ -1038,7 +1042,7 @@ impl Conn {
             .fetch_add(1, Ordering::Relaxed);
         self.check_rate()?;
         let decision = {
-            let mut inner = self.handle.inner.lock();
+            let mut inner = self.key.0.inner.lock();
             match inner.session.inbound_publish(&mut p) {
                 Ok(d) => (d, inner.session.persistent()),
                 Err(v) => {
@@ -1093,7 +1097,7 @@ impl Conn {
                 QoS::ExactlyOnce => {
                     if self.protocol == Protocol::V5 {
                         // An error PUBREC ends the flow: forget the id.
-                        self.handle.inner.lock().session.inbound_pubrel(pid);
+                        self.key.0.inner.lock().session.inbound_pubrel(pid);
                     }
                     self.ack_after(
                         Packet::PubRec(PubResponse {
@@ -1202,7 +1206,7 @@ impl Conn {
                 subscription_id: sub_id,
             };
             {
-                let mut inner = self.handle.inner.lock();
+                let mut inner = self.key.0.inner.lock();
                 let subs = &mut inner.session.subscriptions;
                 if !subs.contains_key(&f.filter)
                     && subs.len() >= limits.max_subscriptions_per_client
@@ -1225,7 +1229,7 @@ impl Conn {
             }
         }
         let mut commits = Vec::new();
-        if let Some(c) = self.shared.persist_session(&self.handle) {
+        if let Some(c) = self.shared.persist_session(&self.key.0) {
             commits.push(c);
         }
         for (f, c) in s.filters.iter().zip(&codes) {
@@ -1273,7 +1277,7 @@ impl Conn {
         for d in deliveries {
             let _ = self
                 .shared
-                .deliver(&self.handle, d, now, &mut commits, &mut drops);
+                .deliver(&self.key.0, d, now, &mut commits, &mut drops);
         }
         self.shared.report_drops(drops);
     }
@@ -1284,7 +1288,7 @@ impl Conn {
         for f in &u.filters {
             let existed = self.shared.router.write().unsubscribe(&self.key, f);
             {
-                let mut inner = self.handle.inner.lock();
+                let mut inner = self.key.0.inner.lock();
                 inner.session.subscriptions.remove(f);
                 if existed && f.starts_with("$share/") {
                     let mut actions = Vec::new();
@@ -1312,7 +1316,7 @@ impl Conn {
         }
         self.shared.redeliver_shared(&self.key, handed);
         let mut commits = Vec::new();
-        if let Some(c) = self.shared.persist_session(&self.handle) {
+        if let Some(c) = self.shared.persist_session(&self.key.0) {
             commits.push(c);
         }
         let ack = Packet::UnsubAck(UnsubAck {

@@ -18,7 +18,7 @@
 //! Persistent sessions (Session Expiry Interval > 0) emit [`Action::Persist`] store operations
 //! for every change to their QoS 1/2 messages; the record format is in [`encode_message`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -174,20 +174,20 @@ pub struct Session {
     /// Seconds; 0 = ends with the connection; `u32::MAX` = never expires.
     pub expiry_interval: u32,
     /// Filter (as sent, `$share/...` included) → options.
-    pub subscriptions: HashMap<String, SubOptions>,
+    pub subscriptions: BTreeMap<String, SubOptions>,
     max_queued: usize,
     overflow: OverflowPolicy,
     limits: Option<ClientLimits>,
-    inflight: HashMap<u16, OutMsg>,
+    inflight: BTreeMap<u16, OutMsg>,
     queue: VecDeque<OutMsg>,
     next_pid: u16,
     next_seq: u64,
-    aliases_out: HashMap<String, u16>,
+    aliases_out: BTreeMap<String, u16>,
     // inbound
     server_receive_maximum: u16,
     inbound_pending: usize,
-    inbound_qos2: HashSet<u16>,
-    aliases_in: HashMap<u16, String>,
+    inbound_qos2: BTreeSet<u16>,
+    aliases_in: BTreeMap<u16, String>,
 }
 
 impl Session {
@@ -201,19 +201,19 @@ impl Session {
         Session {
             client_id,
             expiry_interval,
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             max_queued,
             overflow,
             limits: None,
-            inflight: HashMap::new(),
+            inflight: BTreeMap::new(),
             queue: VecDeque::new(),
             next_pid: 1,
             next_seq: 1,
-            aliases_out: HashMap::new(),
+            aliases_out: BTreeMap::new(),
             server_receive_maximum,
             inbound_pending: 0,
-            inbound_qos2: HashSet::new(),
-            aliases_in: HashMap::new(),
+            inbound_qos2: BTreeSet::new(),
+            aliases_in: BTreeMap::new(),
         }
     }
 
