@@ -41,6 +41,7 @@ mod digest;
 mod eventgrid;
 mod limits;
 mod listener;
+pub mod node;
 mod validate;
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,9 @@ pub use limits::{Limits, QueueStrategy};
 pub use listener::{
     AutomaticCertificate, CertificateIssuer, IssuerRef, Listener, ListenerPort, ListenerTls,
     ManualCertificate, Protocol, ServerCertificate, SubjectAltNames,
+};
+pub use node::{
+    Applied, NodeError, NodeHealth, NodeReport, NodeView, Rejection, ReportAnswer, SnapshotSink,
 };
 pub use validate::{InvalidSnapshot, Violation};
 
