@@ -94,6 +94,12 @@ fn cases() -> Vec<(&'static str, bool, Vec<u8>, Expect)> {
             Expect::Disconnect(0x81),
         ),
         (
+            "publish announcing UTF-8 with a payload that is not [MQTT-3.3.2.3.2]",
+            true,
+            vec![0x30, 0x07, 0x00, 0x01, b't', 0x02, 0x01, 0x01, 0xFF],
+            Expect::Disconnect(0x99),
+        ),
+        (
             "packet larger than maximum packet size",
             true,
             vec![0x30, 0xD0, 0x0F],

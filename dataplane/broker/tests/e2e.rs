@@ -885,3 +885,28 @@ async fn mqtts_listener_serves_mqtt_over_tls() {
     assert_eq!(got[1], Packet::PingResp);
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_disconnects_idle_and_busy_clients_with_0x8b_and_completes() {
+    let (broker, addr) = start(cfg()).await;
+    // Idle clients (v5 gets DISCONNECT 0x8B; v3.1.1 a plain close) and one with a subscription.
+    let mut idle_v5 = Raw::connect(addr, "idle5", Protocol::V5).await;
+    let mut idle_v3 = Raw::connect(addr, "idle3", Protocol::V311).await;
+    let mut sub = Raw::connect(addr, "sub5", Protocol::V5).await;
+    sub.subscribe("t/#", QoS::AtLeastOnce).await;
+    let stop = tokio::spawn(broker.shutdown());
+    for c in [&mut idle_v5, &mut sub] {
+        match c.recv_for(Duration::from_secs(3)).await {
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, ReasonCode::SERVER_SHUTTING_DOWN)
+            }
+            other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+        }
+        assert!(c.closed().await, "closed after DISCONNECT");
+    }
+    assert!(idle_v3.closed().await, "3.1.1 client closed");
+    tokio::time::timeout(Duration::from_secs(6), stop)
+        .await
+        .expect("shutdown completes")
+        .unwrap();
+}

@@ -676,6 +676,7 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
         let topic = r.string("will topic")?;
         validate_topic_name(&topic)?;
         let payload = r.binary("will payload")?;
+        check_payload_format(&properties, &payload, "[MQTT-3.1.3.2.3]")?;
         Some(Will {
             topic,
             payload,
@@ -779,15 +780,35 @@ fn publish(r: &mut Reader, flags: u8, v5: bool, alias_max: u16) -> Result<Publis
     } else {
         validate_topic_name(&topic)?;
     }
+    let payload = r.rest();
+    check_payload_format(&properties, &payload, "[MQTT-3.3.2.3.2]")?;
     Ok(Publish {
         dup: flags & 0b1000 != 0,
         qos,
         retain: flags & 1 != 0,
         topic,
         packet_id,
-        payload: r.rest(),
+        payload,
         properties,
     })
+}
+
+/// Payload Format Indicator 1 announces UTF-8 character data; the receiver may check it and
+/// answer 0x99 (Payload format invalid). We check it: a consumer that trusts the indicator must
+/// never be handed bytes that are not UTF-8.
+fn check_payload_format(
+    properties: &Properties,
+    payload: &[u8],
+    clause: &'static str,
+) -> Result<(), DecodeError> {
+    if properties.payload_format_indicator == Some(1) && std::str::from_utf8(payload).is_err() {
+        return Err(DecodeError::violation(
+            clause,
+            ReasonCode::PAYLOAD_FORMAT_INVALID,
+            "payload format indicator is 1 (UTF-8) but the payload is not valid UTF-8",
+        ));
+    }
+    Ok(())
 }
 
 fn pub_response(r: &mut Reader, v5: bool) -> Result<PubResponse, DecodeError> {

@@ -101,6 +101,9 @@ table! {
     mqtt_3_3_2_2_publish_topic_with_plus: V3, b"\x30\x05\x00\x03a/+" => "[MQTT-3.3.2-2]", ReasonCode::TOPIC_NAME_INVALID;
     mqtt_3_3_2_2_publish_topic_with_hash: V5, b"\x30\x06\x00\x03a/#\x00" => "[MQTT-3.3.2-2]", ReasonCode::TOPIC_NAME_INVALID;
     mqtt_2_2_1_3_publish_packet_id_0: V3, b"\x32\x05\x00\x01t\x00\x00" => "[MQTT-2.2.1-3]", PROTOCOL;
+    // Payload Format Indicator 1 with bytes that are not UTF-8 (0xff): 0x99, for PUBLISH and for a will.
+    mqtt_3_3_2_3_2_publish_utf8_indicator_with_invalid_payload: V5, b"\x30\x07\x00\x01t\x02\x01\x01\xff" => "[MQTT-3.3.2.3.2]", ReasonCode::PAYLOAD_FORMAT_INVALID;
+    mqtt_3_1_3_2_3_will_utf8_indicator_with_invalid_payload: PRE, b"\x10\x16\x00\x04MQTT\x05\x06\x00\x3c\x00\x00\x00\x02\x01\x01\x00\x01w\x00\x01\xff" => "[MQTT-3.1.3.2.3]", ReasonCode::PAYLOAD_FORMAT_INVALID;
     mqtt_3_3_2_8_topic_alias_0: V5, b"\x30\x07\x00\x01t\x03\x23\x00\x00" => "[MQTT-3.3.2-8]", ReasonCode::TOPIC_ALIAS_INVALID;
     mqtt_3_3_2_9_topic_alias_above_maximum: V5, b"\x30\x07\x00\x01t\x03\x23\x00\x0b" => "[MQTT-3.3.2-9]", ReasonCode::TOPIC_ALIAS_INVALID;
     publish_v5_empty_topic_without_alias_is_protocol_error: V5, b"\x30\x03\x00\x00\x00" => "[MQTT-3.3.2.1]", PROTOCOL;

@@ -251,7 +251,7 @@ fn connect(version: Protocol) -> impl Strategy<Value = Packet> {
         )
             .prop_map(|(topic, payload, qos, retain, properties)| Will {
                 topic,
-                payload,
+                payload: utf8_if_announced(&properties, payload),
                 qos,
                 retain,
                 properties,
@@ -307,6 +307,16 @@ fn connack(v5: bool) -> impl Strategy<Value = Packet> {
     )
 }
 
+/// A payload announced as UTF-8 (Payload Format Indicator 1) must be UTF-8 to be a valid packet
+/// ([MQTT-3.3.2.3.2]); keep the random bytes otherwise.
+fn utf8_if_announced(properties: &Properties, payload: Bytes) -> Bytes {
+    if properties.payload_format_indicator == Some(1) {
+        Bytes::from(String::from_utf8_lossy(&payload).into_owned())
+    } else {
+        payload
+    }
+}
+
 fn publish(v5: bool) -> impl Strategy<Value = Packet> {
     (
         any::<bool>(),
@@ -332,7 +342,7 @@ fn publish(v5: bool) -> impl Strategy<Value = Packet> {
                         topic
                     },
                     packet_id: if qos == QoS::AtMostOnce { 0 } else { id },
-                    payload,
+                    payload: utf8_if_announced(&properties, payload),
                     properties,
                 })
             },
