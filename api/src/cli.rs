@@ -1,5 +1,9 @@
 //! Command-line surface for the `meridian` binary: `meridian api` ([`ApiArgs`], [`run_api`]) and
 //! `meridian token` ([`TokenArgs`], [`run_token`]), plus [`start`] for `meridian dev` and tests.
+//!
+//! `meridian api` provisions through broker nodes ([`crate::nodes::NodeProvisioner`]): nodes
+//! register on `/meridian/nodes/{nodeId}`, and [`RunningApi::nodes`] lets an in-process caller
+//! (`meridian dev`) register a local node.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -7,8 +11,9 @@ use clap::Args;
 
 use crate::{
     auth::{Authenticator, Role, RoleGrant, load_or_create_secret},
-    engine::{Engine, ImmediateProvisioner, Provisioner},
-    http::{ApiMetrics, AppState, OverTls, app_with_deployments},
+    engine::{Engine, Provisioner},
+    http::{ApiMetrics, AppState, OverTls, app_with_nodes},
+    nodes::{NodeConfig, NodeProvisioner, NodeRegistry},
     store::{PostgresStore, SqliteStore, Store},
     tls,
 };
@@ -54,6 +59,34 @@ pub struct ApiArgs {
     /// JWKS URL whose keys are accepted (fetched at start).
     #[arg(long)]
     pub jwks_url: Option<String>,
+    /// How often broker nodes report ("5s", "500ms", "2m"; a bare number is seconds). Nodes
+    /// are told in every answer (whole seconds, at least 1).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub node_report_interval: Duration,
+    /// A node silent for this long is Unhealthy and no longer holds up provisioning
+    /// (default: 3 × --node-report-interval).
+    #[arg(long, value_parser = parse_duration)]
+    pub node_timeout: Option<Duration>,
+    /// Provisioning that waits longer than this for live nodes fails.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub provision_timeout: Duration,
+}
+
+/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (try 500ms, 5s or 2m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("'{s}': unknown unit (use ms, s or m)")),
+    }
 }
 
 impl ApiArgs {
@@ -71,7 +104,20 @@ impl ApiArgs {
             jwt_audience: DEFAULT_AUDIENCE.to_owned(),
             jwt_public_key: Vec::new(),
             jwks_url: None,
+            node_report_interval: Duration::from_secs(5),
+            node_timeout: None,
+            provision_timeout: Duration::from_secs(300),
         }
+    }
+
+    /// The node timing these arguments describe.
+    pub fn node_config(&self) -> NodeConfig {
+        let mut c = NodeConfig::with_report_interval(self.node_report_interval);
+        if let Some(t) = self.node_timeout {
+            c.unhealthy_after = t;
+        }
+        c.provision_timeout = self.provision_timeout;
+        c
     }
 }
 
@@ -117,6 +163,9 @@ pub struct RunningApi {
     pub engine: Engine,
     /// The verifier (mints tokens when an HS256 secret is configured).
     pub auth: Arc<Authenticator>,
+    /// The broker nodes and the pusher. `meridian dev` registers its in-process node here with
+    /// [`NodeRegistry::register_local`].
+    pub nodes: NodeRegistry,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -175,21 +224,18 @@ pub async fn authenticator(args: &ApiArgs) -> anyhow::Result<Authenticator> {
     Ok(auth)
 }
 
-/// Starts the API with the default types and provisioner.
+/// Starts the API with the default types, provisioning through broker nodes
+/// ([`NodeProvisioner`]).
 pub async fn start(args: ApiArgs) -> anyhow::Result<RunningApi> {
-    start_with(
-        args,
-        crate::resources::all_types(),
-        Arc::new(ImmediateProvisioner),
-    )
-    .await
+    start_with(args, crate::resources::all_types(), None).await
 }
 
-/// Starts the API with explicit types and provisioner (for `meridian dev` and tests).
+/// Starts the API with explicit types and provisioner (`None` = [`NodeProvisioner`] over the
+/// server's [`NodeRegistry`]). The node routes are served either way.
 pub async fn start_with(
     args: ApiArgs,
     types: Vec<crate::engine::registry::ResourceTypeDecl>,
-    provisioner: Arc<dyn Provisioner>,
+    provisioner: Option<Arc<dyn Provisioner>>,
 ) -> anyhow::Result<RunningApi> {
     tls::install_crypto_provider();
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -198,6 +244,8 @@ pub async fn start_with(
     let addr = listener.local_addr()?;
     let store = open_store(&args).await?;
     let auth = Arc::new(authenticator(&args).await?);
+    let nodes = NodeRegistry::new(store.clone(), args.node_config());
+    let provisioner = provisioner.unwrap_or_else(|| Arc::new(NodeProvisioner::new(nodes.clone())));
     let engine = Engine::new(store, types, provisioner);
     let openapi = Arc::new(crate::openapi::document(engine.registry()));
     let state = AppState {
@@ -226,7 +274,7 @@ pub async fn start_with(
         }
     );
     let (shutdown, rx) = tokio::sync::watch::channel(false);
-    let router = app_with_deployments(state);
+    let router = app_with_nodes(state, nodes.clone());
     let task = tokio::spawn(serve(listener, router, tls_config, rx));
     Ok(RunningApi {
         addr,
@@ -234,6 +282,7 @@ pub async fn start_with(
         ca_path,
         engine,
         auth,
+        nodes,
         shutdown,
         task,
     })

@@ -187,6 +187,16 @@ fn parse_broker(id: &str) -> Option<(BrokerRef, String)> {
     ))
 }
 
+/// A broker id's flavour, canonical spelling (declared casing for the fixed segments, the given
+/// casing for names) and scope; `None` when `id` names something other than a broker.
+pub fn parse_broker_id(id: &str) -> Option<(BrokerFlavor, String, crate::engine::path::Scope)> {
+    let (broker, canonical) = parse_broker(id)?;
+    let ArmPath::Resource { scope, .. } = ArmPath::parse(id).ok()? else {
+        return None;
+    };
+    Some((broker.flavor, canonical, scope))
+}
+
 /// The selectors of one consistent read of everything a broker's snapshot can depend on.
 fn selectors_for(broker: &BrokerRef) -> Vec<ReadSelector> {
     let mut s = vec![

@@ -133,6 +133,15 @@ pub fn app_with_deployments(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state, observe))
 }
 
+/// [`app_with_deployments`] plus the broker-node routes (`/meridian/nodes`) over `nodes`: what
+/// [`crate::cli::start`] serves.
+pub fn app_with_nodes(state: AppState, nodes: crate::nodes::NodeRegistry) -> Router {
+    base(state.clone())
+        .merge(crate::deployments::deployments_router(state.clone()))
+        .merge(crate::nodes::routes::router(state.clone(), nodes))
+        .layer(middleware::from_fn_with_state(state, observe))
+}
+
 fn base(state: AppState) -> Router {
     let openapi = (*state.openapi).clone();
     Router::new()
@@ -207,6 +216,8 @@ pub fn route_template(path: &str) -> String {
             path.to_owned()
         }
         Err(_) if path.starts_with("/docs") => "/docs".to_owned(),
+        Err(_) if path == "/meridian/nodes" => path.to_owned(),
+        Err(_) if path.starts_with("/meridian/nodes/") => "/meridian/nodes/{nodeId}".to_owned(),
         Err(_) => "other".to_owned(),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Owns the generic ARM engine ([`engine`]), the resource-type declarations ([`resources`]), storage
 //! (SQLite and Postgres behind one trait, [`store`]), access control ([`auth`]), the HTTP(S)
-//! surface ([`http`], [`tls`]), the OpenAPI document ([`openapi`]) and the CLI entry points the
+//! surface ([`http`], [`tls`]), broker nodes and the pusher ([`nodes`]), the OpenAPI document ([`openapi`]) and the CLI entry points the
 //! `meridian` binary calls ([`cli`]).
 
 pub mod auth;
@@ -12,6 +12,7 @@ pub mod deployments;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod nodes;
 pub mod openapi;
 pub mod resources;
 pub mod store;

@@ -344,6 +344,7 @@ pub fn document(registry: &Registry) -> OpenApi {
             );
         }
     }
+    let (paths, components) = node_paths(paths, components);
     OpenApiBuilder::new()
         .info(
             InfoBuilder::new()
@@ -355,6 +356,141 @@ pub fn document(registry: &Registry) -> OpenApi {
         .paths(paths.build())
         .components(Some(components.build()))
         .build()
+}
+
+/// The broker-node routes (`meridian_contract::node`) and their schemas. The contract crate has no
+/// utoipa dependency, so the schemas are written out here; a test compares them with the types.
+fn node_paths(
+    paths: PathsBuilder,
+    components: ComponentsBuilder,
+) -> (PathsBuilder, ComponentsBuilder) {
+    let string = |desc: &str| {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .description(Some(desc))
+    };
+    let integer = |desc: &str| {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::Integer))
+            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                utoipa::openapi::KnownFormat::Int64,
+            )))
+            .minimum(Some(0))
+            .description(Some(desc))
+    };
+    let components = components
+        .schema(
+            "NodeError",
+            ObjectBuilder::new()
+                .description(Some("One error a node reports."))
+                .property("generation", integer("The generation the error is about (0 = none)."))
+                .property("resourceId", string("The resource at fault, when known."))
+                .property("message", string("What went wrong."))
+                .required("message"),
+        )
+        .schema(
+            "NodeReport",
+            ObjectBuilder::new()
+                .description(Some("What a broker node reports on start and at every interval."))
+                .property("brokerId", string("ARM id of the broker resource the node serves."))
+                .property("endpoint", string("Where the control plane pushes snapshots (http://host:port)."))
+                .property("appliedGeneration", integer("Generation of the snapshot the node serves (0 = none)."))
+                .property("appliedDigest", string("Digest of that snapshot (\"\" = none)."))
+                .property(
+                    "health",
+                    ObjectBuilder::new()
+                        .schema_type(SchemaType::Type(Type::String))
+                        .enum_values(Some(["Healthy", "Degraded"])),
+                )
+                .property("connectedClients", integer("Connected MQTT clients."))
+                .property(
+                    "errors",
+                    ArrayBuilder::new().items(Ref::from_schema_name("NodeError")),
+                )
+                .required("brokerId")
+                .required("endpoint"),
+        )
+        .schema(
+            "ReportAnswer",
+            ObjectBuilder::new()
+                .description(Some("The control plane's answer to a node report."))
+                .property("desiredGeneration", integer("Newest generation for the node's broker (0 = none yet); a node behind it is pushed it."))
+                .property("reportIntervalSeconds", integer("How often the node should report."))
+                .required("desiredGeneration")
+                .required("reportIntervalSeconds"),
+        )
+        .schema(
+            "NodeView",
+            ObjectBuilder::new()
+                .description(Some("The control plane's view of one node."))
+                .property("nodeId", string("The node's id."))
+                .property(
+                    "state",
+                    ObjectBuilder::new()
+                        .schema_type(SchemaType::Type(Type::String))
+                        .enum_values(Some(["Healthy", "Degraded", "Unhealthy"]))
+                        .description(Some("As reported, or Unhealthy after missed reports.")),
+                )
+                .property("lastSeen", string("RFC 3339 time of the last report."))
+                .property("report", Ref::from_schema_name("NodeReport"))
+                .required("nodeId")
+                .required("state")
+                .required("lastSeen")
+                .required("report"),
+        )
+        .schema(
+            "NodeList",
+            ObjectBuilder::new()
+                .property("value", ArrayBuilder::new().items(Ref::from_schema_name("NodeView")))
+                .required("value"),
+        );
+    let error = json_response("ARM error", Ref::from_schema_name("ErrorResponse").into());
+    let report = OperationBuilder::new()
+        .tag("Meridian nodes")
+        .operation_id(Some("Nodes_Report"))
+        .summary(Some("Register a broker node or report its status"))
+        .description(Some("Needs Contributor on the broker's resource group or subscription. The bearer token is presented back to the node when the control plane pushes snapshots to it."))
+        .parameters(Some([string_param("nodeId", ParameterIn::Path, true, "Node id: 1-128 letters, digits, '.', '_' or '-'")]))
+        .request_body(Some(
+            RequestBodyBuilder::new()
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("NodeReport")))
+                        .build(),
+                )
+                .required(Some(utoipa::openapi::Required::True))
+                .build(),
+        ))
+        .security(SecurityRequirement::new::<_, _, String>("bearer", []))
+        .response("200", json_response("Recorded", Ref::from_schema_name("ReportAnswer").into()))
+        .response("default", error.clone());
+    let list = OperationBuilder::new()
+        .tag("Meridian nodes")
+        .operation_id(Some("Nodes_List"))
+        .summary(Some("List broker nodes and their status"))
+        .description(Some(
+            "Needs Reader; without brokerId, lists the nodes of the brokers the caller may read.",
+        ))
+        .parameters(Some([string_param(
+            "brokerId",
+            ParameterIn::Query,
+            false,
+            "Only the nodes of this broker (ARM id)",
+        )]))
+        .security(SecurityRequirement::new::<_, _, String>("bearer", []))
+        .response(
+            "200",
+            json_response("The nodes", Ref::from_schema_name("NodeList").into()),
+        )
+        .response("default", error);
+    let paths = paths
+        .path("/meridian/nodes", PathItem::new(HttpMethod::Get, list))
+        .path(
+            "/meridian/nodes/{nodeId}",
+            PathItem::new(HttpMethod::Put, report),
+        );
+    (paths, components)
 }
 
 /// The document for the served types (`resources::all_types()` plus built-ins), as committed in

@@ -895,8 +895,13 @@ impl meridian_api::engine::Provisioner for Refusing {
     fn provision(
         &self,
         _resource: Value,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
-        Box::pin(async { Err("no broker node accepted the configuration".to_owned()) })
+    ) -> meridian_api::engine::ProvisionFuture<'_, Result<(), meridian_api::engine::ProvisionError>>
+    {
+        Box::pin(async {
+            Err("no broker node accepted the configuration"
+                .to_owned()
+                .into())
+        })
     }
 }
 

@@ -51,13 +51,74 @@ pub struct Preconditions {
     pub if_none_match: Option<String>,
 }
 
-/// Turns a resource into running reality; the seam where a later issue waits for broker nodes.
+/// Why provisioning failed: the `error` of the resource's async operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionError {
+    /// ARM error code, e.g. `ConfigurationRejected`.
+    pub code: String,
+    /// What went wrong, for the user (a node's reason verbatim where there is one).
+    pub message: String,
+    /// The resource at fault (an ARM id), when known.
+    pub target: Option<String>,
+}
+
+impl ProvisionError {
+    /// An error with `code` and `message`, no target.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            target: None,
+        }
+    }
+
+    /// Sets the resource at fault.
+    pub fn with_target(mut self, target: impl Into<String>) -> Self {
+        self.target = Some(target.into());
+        self
+    }
+
+    /// The operation's `error` object.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({"code": self.code, "message": self.message});
+        if let Some(t) = &self.target {
+            v["target"] = Value::String(t.clone());
+        }
+        v
+    }
+}
+
+impl From<String> for ProvisionError {
+    fn from(message: String) -> Self {
+        Self::new("ProvisioningFailed", message)
+    }
+}
+
+impl std::fmt::Display for ProvisionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ProvisionError {}
+
+/// Boxed future returned by [`Provisioner`] methods.
+pub type ProvisionFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Turns a resource into running reality; the seam where the control plane waits for broker
+/// nodes (`crate::nodes::NodeProvisioner`).
 pub trait Provisioner: Send + Sync + 'static {
-    /// Provisions the (created or updated) resource; `Err(message)` makes it `Failed`.
-    fn provision(
-        &self,
-        resource: Value,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    /// Provisions the (created or updated) resource; `Err` makes it `Failed` and becomes the
+    /// operation's error.
+    fn provision(&self, resource: Value) -> ProvisionFuture<'_, Result<(), ProvisionError>>;
+
+    /// Called after a DELETE removed `id` (and its children), so the running reality can follow.
+    /// The delete is already answered and its operation is complete; nothing waits for this.
+    fn deprovisioned(&self, id: String) -> ProvisionFuture<'_, ()> {
+        let _ = id;
+        Box::pin(async {})
+    }
 }
 
 /// The default provisioner: a stored resource is immediately provisioned.
@@ -65,10 +126,7 @@ pub trait Provisioner: Send + Sync + 'static {
 pub struct ImmediateProvisioner;
 
 impl Provisioner for ImmediateProvisioner {
-    fn provision(
-        &self,
-        _resource: Value,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    fn provision(&self, _resource: Value) -> ProvisionFuture<'_, Result<(), ProvisionError>> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -793,8 +851,8 @@ impl Engine {
                     .await?;
                 op.status = state.into();
                 op.end_time = Some(Utc::now());
-                if let Err(message) = outcome {
-                    op.error = Some(json!({"code": "ProvisioningFailed", "message": message}));
+                if let Err(e) = outcome {
+                    op.error = Some(e.to_json());
                 }
                 store.update_operation(&op).await?;
                 Ok(state.to_owned())
@@ -841,6 +899,11 @@ impl Engine {
         // In this issue deletion completes in the transaction, so the operation is born done.
         let (op, handle) = self.operation_for(r, "delete", "Succeeded", api_version);
         let deleted = self.store.delete(&r.key, &op).await.map_err(store_err)?;
+        if deleted && let Some(existing) = existing {
+            // Its own task, like provisioning: a dropped request must not abandon the follow-up.
+            let provisioner = self.provisioner.clone();
+            tokio::spawn(async move { provisioner.deprovisioned(existing.id).await });
+        }
         Ok(DeleteOutcome {
             deleted,
             operation: (deleted && asynchronous).then_some(handle),
