@@ -1169,3 +1169,37 @@ async fn meridian_api_provisions_through_nodes_by_default() {
     );
     api.shutdown().await;
 }
+
+#[test]
+fn node_timing_flags_parse_with_units_and_default_from_the_interval() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        api: meridian_api::ApiArgs,
+    }
+    let c = Cli::try_parse_from(["api"]).unwrap().api.node_config();
+    assert_eq!(c.report_interval, Duration::from_secs(5));
+    assert_eq!(c.unhealthy_after, Duration::from_secs(15));
+    assert_eq!(c.provision_timeout, Duration::from_secs(300));
+    let c = Cli::try_parse_from([
+        "api",
+        "--node-report-interval",
+        "500ms",
+        "--node-timeout",
+        "2",
+        "--provision-timeout",
+        "1m",
+    ])
+    .unwrap()
+    .api
+    .node_config();
+    assert_eq!(c.report_interval, Duration::from_millis(500));
+    assert_eq!(c.unhealthy_after, Duration::from_secs(2));
+    assert_eq!(c.provision_timeout, Duration::from_secs(60));
+    let err = Cli::try_parse_from(["api", "--node-timeout", "5h"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("unknown unit"), "{err}");
+}
