@@ -613,25 +613,26 @@ async fn a_silent_node_turns_unhealthy_and_stops_holding_up_provisioning(b: Back
 
     // The remote node goes away right after a last report.
     remote.stop();
+    let before_report = Instant::now();
     let (status, _) = remote.report(&w, "remote", &token).await;
     assert_eq!(status, StatusCode::OK);
-    let last_report = Instant::now();
     let (_, op) = w.put(&listener("two"), listener_body(1884)).await;
     local
         .wait_for("two is served", |s| has_listener(s, "two"))
         .await;
-    if last_report.elapsed() < Duration::from_secs(2) {
+    // (Only checkable while the node is surely still live: the machine may be slow.)
+    if before_report.elapsed() < Duration::from_secs(2) {
         assert_eq!(
             w.status(&op).await,
             "Provisioning",
             "a live node that has not applied holds provisioning up"
         );
+        assert_eq!(w.node_state("remote"), "Healthy");
     }
-    assert_eq!(w.node_state("remote"), "Healthy");
     let done = w.finished(&op).await;
     assert_eq!(done.status, "Succeeded", "{:?}", done.error);
     assert!(
-        last_report.elapsed() >= Duration::from_secs(3),
+        before_report.elapsed() >= Duration::from_secs(3),
         "provisioning waited for the node until it was unhealthy"
     );
     assert_eq!(w.node_state("remote"), "Unhealthy");
