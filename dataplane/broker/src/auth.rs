@@ -85,15 +85,20 @@ impl PasswordFile {
         let Some(hash) = self.users.get(username).cloned() else {
             return false;
         };
-        let password = password.to_vec();
-        tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash)
-                .map(|h| Argon2::default().verify_password(&password, &h).is_ok())
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false)
+        verify_phc(hash, password.to_vec()).await
     }
+}
+
+/// Checks a password against an argon2 PHC string on the blocking pool (argon2 is deliberately
+/// slow). Shared by the password file and the snapshot's inline credentials.
+pub(crate) async fn verify_phc(hash: String, password: Vec<u8>) -> bool {
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .map(|h| Argon2::default().verify_password(&password, &h).is_ok())
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// What a rule applies to.

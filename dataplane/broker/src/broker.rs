@@ -41,6 +41,9 @@ pub enum BrokerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     AuthFile(#[from] AuthFileError),
+    /// The control-plane settings cannot be used (unreadable CA file, bad URL, ...).
+    #[error("control plane: {0}")]
+    ControlPlane(String),
 }
 
 /// Unix time in milliseconds (message expiry survives restarts, so it is wall-clock based).
@@ -74,6 +77,9 @@ pub(crate) struct ConnOut {
     /// A publisher already waited the full pause for this subscriber: stop pausing for it (its
     /// overflow policy applies) until it catches up, so one stuck client cannot throttle all.
     pub(crate) stuck: AtomicBool,
+    /// Set for connections accepted on a snapshot listener: their principal and port, checked
+    /// on every PUBLISH/SUBSCRIBE and re-checked when a new snapshot is applied.
+    pub(crate) guard: Option<Arc<crate::live::Guard>>,
 }
 
 /// The subscriber's session queue is above its high-water mark.
@@ -93,6 +99,7 @@ impl ConnOut {
             pressured: AtomicU8::new(0),
             drained,
             stuck: AtomicBool::new(false),
+            guard: None,
         }
     }
 
@@ -211,6 +218,8 @@ pub(crate) struct Shared {
     pub(crate) drained: Arc<Notify>,
     pub(crate) tracker: TaskTracker,
     pub(crate) started: Instant,
+    /// Listeners and policies from applied snapshots (see [`crate::live`]).
+    pub(crate) live: crate::live::Live,
 }
 
 impl Shared {
@@ -711,7 +720,13 @@ impl Broker {
             None => None,
         };
 
+        let live = crate::live::Live::new(&cfg);
+        let push = match &cfg.control_plane {
+            Some(cp) => Some(crate::agent::Agent::new(cp, cfg.admin)?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            live,
             router: RwLock::new(Router::new()),
             retained: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -742,7 +757,7 @@ impl Broker {
                         r = listener.accept() => match r {
                             Ok(acc) => {
                                 let s = shared2.clone();
-                                shared2.tracker.spawn(crate::conn::serve(s, acc));
+                                shared2.tracker.spawn(crate::conn::serve(s, acc, None));
                             }
                             Err(e) => {
                                 tracing::warn!("accept failed: {e}");
@@ -754,21 +769,48 @@ impl Broker {
             });
         }
 
+        // With a control plane, the stored snapshot is served before any push is accepted, so
+        // a node restarted while the control plane is down comes back as it was.
+        let handle = crate::live::NodeHandle {
+            shared: Arc::downgrade(&shared),
+        };
+        if push.is_some()
+            && let Some(snap) = shared.live.persisted()
+        {
+            let generation = snap.generation;
+            match handle.apply_snapshot(snap).await {
+                Ok(_) => tracing::info!(generation, "serving the stored snapshot"),
+                Err(r) => tracing::warn!(
+                    generation,
+                    "the stored snapshot cannot be applied: {}",
+                    r.message
+                ),
+            }
+        }
+
         let ready = Arc::new(AtomicBool::new(false));
         let mut admin = None;
         if let Some(l) = admin_listener {
             admin = l.local_addr().ok();
+            if let Some(a) = admin {
+                let _ = shared.live.admin_addr.set(a);
+            }
             let render = crate::sys::metrics_renderer(shared.clone());
-            let ready2 = ready.clone();
+            let mut routes = meridian_net::admin::router(render, ready.clone());
+            if let Some(agent) = &push {
+                routes = routes.merge(agent.routes(handle.clone()));
+            }
             let cancel = shared.cancel.clone();
             shared.tracker.spawn(async move {
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    r = meridian_net::admin::serve(l, render, ready2) => {
-                        if let Err(e) = r { tracing::warn!("admin endpoint stopped: {e}"); }
-                    }
+                let serve = axum::serve(l, routes)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::warn!("admin endpoint stopped: {e}");
                 }
             });
+        }
+        if let Some(agent) = push {
+            agent.spawn_reporter(&shared, handle.clone());
         }
         crate::sys::spawn_publisher(&shared);
         ready.store(true, Ordering::Release);
@@ -782,6 +824,40 @@ impl Broker {
 }
 
 impl RunningBroker {
+    /// Applies a config-contract snapshot live, all or nothing: listeners open and close,
+    /// credentials and policies swap in place, clients the new policy forbids are disconnected
+    /// (0x87) and everyone else stays. A generation not newer than the applied one answers with
+    /// the applied generation and changes nothing. See [`crate::live`].
+    pub async fn apply_snapshot(
+        &self,
+        snapshot: meridian_contract::BrokerSnapshot,
+    ) -> Result<meridian_contract::Applied, meridian_contract::Rejection> {
+        crate::live::apply(&self.shared, snapshot).await
+    }
+
+    /// A cloneable handle for applying snapshots and reading the node report; it implements
+    /// [`meridian_contract::SnapshotSink`] (what `meridian dev` hands the control plane).
+    pub fn handle(&self) -> crate::live::NodeHandle {
+        crate::live::NodeHandle {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
+    /// The node's report (applied generation, digest, health, connected clients, errors).
+    pub fn report(&self) -> meridian_contract::NodeReport {
+        crate::live::report(&self.shared)
+    }
+
+    /// Listener ports opened from applied snapshots (not the CLI/config-file listeners).
+    pub fn snapshot_listeners(&self) -> Vec<crate::live::SnapshotListener> {
+        self.shared.live.snapshot_listeners()
+    }
+
+    /// Currently connected MQTT clients.
+    pub fn connected_clients(&self) -> u64 {
+        self.shared.stats.connected.load(Ordering::Relaxed)
+    }
+
     /// Every MQTT listener's transport and bound address (port 0 resolved).
     pub fn listener_addrs(&self) -> Vec<(Transport, SocketAddr)> {
         self.listeners.clone()

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use crate::broker::Broker;
-use crate::config::{BrokerConfig, FsyncMode, ListenerConfig};
+use crate::config::{BrokerConfig, ControlPlaneConfig, FsyncMode, ListenerConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FsyncFlag {
@@ -53,6 +53,28 @@ pub struct BrokerArgs {
     /// ACL rules `allow|deny publish|subscribe|all <filter> [user <name>|client <id>]`.
     #[arg(long, env = "MERIDIAN_ACL_FILE")]
     pub acl_file: Option<PathBuf>,
+    /// Control plane base URL (https://host:port): report to it and take snapshots from it.
+    /// Needs --broker and --token.
+    #[arg(long, env = "MERIDIAN_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// ARM id of the broker resource this node serves.
+    #[arg(long = "broker", env = "MERIDIAN_BROKER_ID")]
+    pub broker_id: Option<String>,
+    /// Node token: bearer towards the control plane, and required on PUT /v1/snapshot.
+    #[arg(long, env = "MERIDIAN_NODE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// This node's id in the control plane (default: hostname-adminport).
+    #[arg(long, env = "MERIDIAN_NODE_ID")]
+    pub node_id: Option<String>,
+    /// PEM CA bundle trusted for the control plane's HTTPS certificate.
+    #[arg(long, env = "MERIDIAN_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+    /// URL the control plane pushes snapshots to (default: http://ADMIN_ADDRESS).
+    #[arg(long, env = "MERIDIAN_NODE_ENDPOINT")]
+    pub node_endpoint: Option<String>,
+    /// Address that listeners from applied snapshots bind on. Default: 0.0.0.0.
+    #[arg(long, env = "MERIDIAN_SNAPSHOT_LISTENER_HOST")]
+    pub snapshot_listener_host: Option<String>,
     /// Print the documented default configuration and exit.
     #[arg(long)]
     pub print_default_config: bool,
@@ -101,6 +123,53 @@ impl BrokerArgs {
         }
         if let Some(p) = self.acl_file {
             cfg.acl_file = Some(p);
+        }
+        if let Some(h) = self.snapshot_listener_host {
+            cfg.snapshot_listener_host = h;
+        }
+        if let Some(url) = self.control_plane {
+            let broker = self
+                .broker_id
+                .or_else(|| cfg.control_plane.as_ref().map(|c| c.broker.clone()))
+                .context("--control-plane needs --broker ARM_ID (the broker this node serves)")?;
+            let token = self
+                .token
+                .or_else(|| cfg.control_plane.as_ref().map(|c| c.token.clone()))
+                .context("--control-plane needs --token (or MERIDIAN_NODE_TOKEN)")?;
+            let old = cfg.control_plane.take();
+            cfg.control_plane = Some(ControlPlaneConfig {
+                url,
+                broker,
+                token,
+                node_id: self
+                    .node_id
+                    .or_else(|| old.as_ref().and_then(|c| c.node_id.clone())),
+                ca_file: self
+                    .control_plane_ca
+                    .or_else(|| old.as_ref().and_then(|c| c.ca_file.clone())),
+                endpoint: self
+                    .node_endpoint
+                    .or_else(|| old.as_ref().and_then(|c| c.endpoint.clone())),
+            });
+        } else if let Some(cp) = &mut cfg.control_plane {
+            // From the config file; flags still override single fields.
+            if let Some(b) = self.broker_id {
+                cp.broker = b;
+            }
+            if let Some(t) = self.token {
+                cp.token = t;
+            }
+            if let Some(n) = self.node_id {
+                cp.node_id = Some(n);
+            }
+            if let Some(c) = self.control_plane_ca {
+                cp.ca_file = Some(c);
+            }
+            if let Some(e) = self.node_endpoint {
+                cp.endpoint = Some(e);
+            }
+        } else if self.broker_id.is_some() || self.node_id.is_some() {
+            anyhow::bail!("--broker and --node-id need --control-plane URL");
         }
         Ok(cfg)
     }

@@ -116,6 +116,43 @@ impl Default for Limits {
     }
 }
 
+/// The control plane a node registers with and takes snapshots from (`meridian broker
+/// --control-plane URL --broker ARM_ID --token T`). `Debug` redacts the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// Base URL of the control plane, e.g. `https://127.0.0.1:8443`.
+    pub url: String,
+    /// ARM id of the broker resource this node serves.
+    pub broker: String,
+    /// The node token: sent as bearer to the control plane, and required from it on
+    /// `PUT /v1/snapshot`.
+    pub token: String,
+    /// This node's id in the control plane's registry; default `{hostname}-{admin port}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// A PEM CA bundle trusted for the control plane's HTTPS certificate (besides none: the
+    /// system roots are not used, the control plane usually runs on a local CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The URL the control plane pushes to; default `http://{admin address}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+impl std::fmt::Debug for ControlPlaneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlaneConfig")
+            .field("url", &self.url)
+            .field("broker", &self.broker)
+            .field("token", &"<redacted>")
+            .field("node_id", &self.node_id)
+            .field("ca_file", &self.ca_file)
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -138,6 +175,10 @@ pub struct BrokerConfig {
     pub sys_interval_secs: u64,
     pub limits: Limits,
     pub listeners: Vec<ListenerConfig>,
+    /// Address the listeners of applied snapshots bind on (their resources give only ports).
+    pub snapshot_listener_host: String,
+    /// Take configuration from a control plane (absent: standalone).
+    pub control_plane: Option<ControlPlaneConfig>,
 }
 
 impl Default for BrokerConfig {
@@ -153,6 +194,8 @@ impl Default for BrokerConfig {
             sys_interval_secs: 10,
             limits: Limits::default(),
             listeners: vec![ListenerConfig::plain("mqtt://127.0.0.1:1883")],
+            snapshot_listener_host: "0.0.0.0".into(),
+            control_plane: None,
         }
     }
 }
@@ -202,6 +245,7 @@ impl BrokerConfig {
             admin: None,
             allow_anonymous: true,
             listeners: vec![ListenerConfig::plain("mqtt://127.0.0.1:0")],
+            snapshot_listener_host: "127.0.0.1".into(),
             ..BrokerConfig::default()
         }
     }
@@ -236,6 +280,20 @@ allow_anonymous = false
 
 # Seconds between $SYS/broker/... statistics; 0 disables them.
 sys_interval_secs = 10
+
+# Address that listeners from applied snapshots (control plane) bind on; their resources
+# give only ports.
+snapshot_listener_host = "0.0.0.0"
+
+# Take configuration from a control plane (flags --control-plane, --broker, --token,
+# --node-id, --control-plane-ca, --node-endpoint). The node reports to it, serves
+# PUT /v1/snapshot on the admin endpoint and stores the applied snapshot in data_dir.
+# [control_plane]
+# url = "https://127.0.0.1:8443"
+# broker = "/subscriptions/.../providers/Microsoft.IoTOperations/instances/i/brokers/default"
+# token = "..."
+# node_id = "edge-1"
+# ca_file = "/var/lib/meridian/ca.pem"
 
 [limits]
 # Concurrent connections (beyond: CONNACK 0x97 Quota exceeded).

@@ -91,9 +91,16 @@ async fn refuse(wr: &mut WriteHalf<Stream>, protocol: Protocol, code: ReasonCode
 /// One task per connection. The handshake and the teardown are large, short-lived futures, so
 /// they are boxed: an idle connection's task then holds only [`Conn`] and its loop state, which
 /// is what the 10,000-idle-connections benchmark row measures.
-pub(crate) fn serve(shared: Arc<Shared>, acc: Accepted) -> impl Future<Output = ()> + Send {
+///
+/// `slot` is the snapshot port the connection came through (`None` for CLI/config listeners):
+/// such connections are authenticated and authorized by the applied snapshot ([`crate::live`]).
+pub(crate) fn serve(
+    shared: Arc<Shared>,
+    acc: Accepted,
+    slot: Option<u32>,
+) -> impl Future<Output = ()> + Send {
     // Boxed before the outer future exists, so the outer future does not keep room for `acc`.
-    let handshake = Box::pin(handshake(shared, acc));
+    let handshake = Box::pin(handshake(shared, acc, slot));
     async move {
         let Some(mut conn) = handshake.await else {
             return;
@@ -104,12 +111,12 @@ pub(crate) fn serve(shared: Arc<Shared>, acc: Accepted) -> impl Future<Output = 
 }
 
 /// CONNECT, admission and session attach; `None` when the connection was refused or closed.
-async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Conn> {
+async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Option<Conn> {
     let Accepted {
         stream,
         peer,
         transport,
-        ..
+        tls,
     } = acc;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(512);
@@ -176,7 +183,9 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Conn> {
         refuse(&mut wr, protocol, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
         return None;
     }
-    if let Some(pw) = &shared.passwords {
+    if slot.is_none()
+        && let Some(pw) = &shared.passwords
+    {
         let ok = match &connect.username {
             Some(u) => {
                 pw.verify(u, connect.password.as_deref().unwrap_or_default())
@@ -213,6 +222,24 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Conn> {
     } else {
         connect.client_id.as_str().into()
     };
+    // Snapshot listeners: authentication and authorization (CONNECT and will) by the snapshot.
+    let guard = match slot {
+        Some(slot) => {
+            match crate::live::admit(&shared, slot, &connect, &client_id, tls.as_ref()).await {
+                Ok(g) => Some(g),
+                Err(code) => {
+                    shared
+                        .stats
+                        .connections_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    refuse(&mut wr, protocol, code).await;
+                    return None;
+                }
+            }
+        }
+        None => None,
+    };
+    drop(tls);
 
     // 3. Session expiry and keep alive.
     let requested_expiry = match protocol {
@@ -235,7 +262,9 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Conn> {
     }
 
     // 4. Attach to (or create) the session; kick a connection that holds it.
-    let out = Arc::new(ConnOut::new(protocol, shared.drained.clone()));
+    let mut out = ConnOut::new(protocol, shared.drained.clone());
+    out.guard = guard;
+    let out = Arc::new(out);
     let (handle, session_present, generation) =
         attach(&shared, &client_id, connect.clean_start, expiry);
 
@@ -297,6 +326,9 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted) -> Option<Conn> {
         drop(inner);
         shared.report_drops(drops);
     }
+    if out.guard.is_some() {
+        crate::live::after_attach(&shared, &handle);
+    }
     if shared.cancel.is_cancelled() {
         // Shutdown began while we attached: its sweep of connections may have missed us.
         out.kick(ReasonCode::SERVER_SHUTTING_DOWN.0);
@@ -353,10 +385,17 @@ impl Conn {
         if self.protocol == Protocol::V5
             && let Some(code) = reason
         {
+            // A kick by the live configuration says why (policy revoked, listener removed).
+            let text = self
+                .out
+                .guard
+                .as_ref()
+                .and_then(|g| g.revoked())
+                .unwrap_or_else(|| reason_text(code).to_string());
             self.out.push(&Packet::Disconnect(Disconnect {
                 reason_code: code,
                 properties: Properties {
-                    reason_string: Some(reason_text(code).to_string()),
+                    reason_string: Some(text),
                     ..Default::default()
                 },
             }));
@@ -563,7 +602,13 @@ fn detach(
         let delay = will.properties.will_delay_interval.unwrap_or(0);
         let session_ends_now = still_ours && expiry == 0;
         if delay == 0 || session_ends_now {
-            publish_will(shared, &conn.client_id, conn.username.as_deref(), will);
+            publish_will(
+                shared,
+                &conn.client_id,
+                conn.username.as_deref(),
+                conn.out.guard.as_deref(),
+                will,
+            );
         } else {
             // Sent at the earlier of the delay and the session's end, unless the session is
             // resumed first (the generation changes).
@@ -572,6 +617,7 @@ fn detach(
             let h = handle.clone();
             let client = conn.client_id.clone();
             let user = conn.username.clone();
+            let guard = conn.out.guard.clone();
             let gen_now = handle.inner.lock().generation;
             shared.tracker.spawn(async move {
                 tokio::select! {
@@ -582,7 +628,7 @@ fn detach(
                             inner.generation != gen_now || inner.conn.is_some()
                         };
                         if !resumed {
-                            publish_will(&s, &client, user.as_deref(), will);
+                            publish_will(&s, &client, user.as_deref(), guard.as_deref(), will);
                         }
                     }
                 }
@@ -627,8 +673,19 @@ pub(crate) fn schedule_expiry(
     });
 }
 
-fn publish_will(shared: &Arc<Shared>, client: &Arc<str>, user: Option<&str>, will: Will) {
-    if !shared.acl_allows(AclAction::Publish, client, user, &will.topic) {
+/// Publishes a will, if the policy in force now (not the one at CONNECT) still allows its topic.
+fn publish_will(
+    shared: &Arc<Shared>,
+    client: &Arc<str>,
+    user: Option<&str>,
+    guard: Option<&crate::live::Guard>,
+    will: Will,
+) {
+    let allowed = shared.acl_allows(AclAction::Publish, client, user, &will.topic)
+        && guard.is_none_or(|g| {
+            crate::live::allows(shared, g, meridian_policy::Action::Publish, &will.topic)
+        });
+    if !allowed {
         shared.report_drops(vec![(
             client.clone(),
             DropReason::NotAuthorized,
@@ -1071,7 +1128,10 @@ impl Conn {
                 &self.client_id,
                 self.username.as_deref(),
                 &p.topic,
-            );
+            )
+            && self.out.guard.as_deref().is_none_or(|g| {
+                crate::live::allows(&self.shared, g, meridian_policy::Action::Publish, &p.topic)
+            });
         if !allowed {
             self.shared.report_drops(vec![(
                 self.client_id.clone(),
@@ -1194,7 +1254,14 @@ impl Conn {
                 &self.client_id,
                 self.username.as_deref(),
                 inner_filter,
-            ) {
+            ) || self.out.guard.as_deref().is_some_and(|g| {
+                !crate::live::allows(
+                    &self.shared,
+                    g,
+                    meridian_policy::Action::Subscribe,
+                    &f.filter,
+                )
+            }) {
                 codes.push(ReasonCode::NOT_AUTHORIZED);
                 continue;
             }
@@ -1258,9 +1325,21 @@ impl Conn {
         let mut deliveries = Vec::new();
         {
             let retained = self.shared.retained.read();
+            let guard = self.out.guard.as_deref();
             for (filter, opts) in &wanted {
                 for (topic, msg) in retained.iter() {
-                    if crate::router::topic_matches(filter, topic) {
+                    // Snapshot listeners: each retained message is checked at delivery against
+                    // the subscriber's permission for that exact topic.
+                    if crate::router::topic_matches(filter, topic)
+                        && guard.is_none_or(|g| {
+                            crate::live::allows(
+                                &self.shared,
+                                g,
+                                meridian_policy::Action::Subscribe,
+                                topic,
+                            )
+                        })
+                    {
                         deliveries.push(Delivery {
                             msg: msg.clone(),
                             qos: msg.qos.min(opts.qos),

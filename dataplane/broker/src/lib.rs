@@ -18,17 +18,27 @@
 //!
 //! Embedding: `Broker::start(BrokerConfig) -> RunningBroker`; `RunningBroker::listener_addrs()`,
 //! `admin_addr()`, `shutdown().await`.
+//!
+//! Live configuration: [`live`] applies config-contract snapshots (`RunningBroker::apply_snapshot`,
+//! or a [`NodeHandle`] as `meridian_contract::SnapshotSink`): listeners open and close, credentials
+//! and authorization policies swap in place. `agent` talks to the control plane (push endpoint
+//! `PUT /v1/snapshot` on the admin listener, report loop) when the node has `--control-plane`.
 
+mod agent;
 pub mod auth;
 mod broker;
 pub mod cli;
 pub mod config;
 mod conn;
+pub mod live;
 pub mod router;
 pub mod session;
 pub mod sys;
 
 pub use broker::{Broker, BrokerError, RunningBroker};
 pub use cli::{BrokerArgs, run_cli};
-pub use config::{BrokerConfig, FsyncMode, Limits, ListenerConfig, OverflowPolicy};
+pub use config::{
+    BrokerConfig, ControlPlaneConfig, FsyncMode, Limits, ListenerConfig, OverflowPolicy,
+};
+pub use live::{NodeHandle, SnapshotListener};
 pub use meridian_net::Transport;

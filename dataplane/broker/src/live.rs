@@ -1,0 +1,1590 @@
+//! Live configuration: applying a [`BrokerSnapshot`] (the config contract) to a running node
+//! without a restart, and enforcing it on every connection that arrived through a snapshot
+//! listener.
+//!
+//! **Apply is all or nothing.** [`apply`] validates the snapshot, parses every certificate PEM,
+//! checks every password hash, compiles every authorization policy and Event Grid namespace into
+//! [`PolicyEngine`]s and binds every new port *before* anything changes. Any failure is a
+//! [`Rejection`] naming the resource at fault (a listener, an authentication, an authorization,
+//! a namespace or one of its children) and the node keeps serving its previous snapshot. Only
+//! then is the snapshot persisted (`DATA_DIR/snapshot.json`, temp file + rename) and the new
+//! [`LiveState`] swapped in behind one `RwLock<Arc<_>>`; new listeners start accepting after the
+//! swap, so no connection ever sees a port without its policy.
+//!
+//! **Listeners.** A snapshot port is identified by its number (or, for port 0 in tests, by
+//! listener name and index). An unchanged port keeps its socket and its connections; a port whose
+//! protocol or TLS material changed is re-bound (its connections stay, under the new policy); a
+//! removed port stops accepting and its connections get DISCONNECT 0x8B with a reason string
+//! naming the listener. Listeners from CLI flags or the config file are never touched: their
+//! connections have no [`Guard`] and keep the password-file/ACL rules.
+//!
+//! **Enforcement.** Each connection accepted on a snapshot port carries a [`Guard`] (its slot and
+//! its [`Principal`]) on its outbox. CONNECT (and the will topic) is checked at admission;
+//! PUBLISH, SUBSCRIBE (each filter) and retained messages at delivery ask the port's engine
+//! through [`allows`]: one read lock, one hash lookup, no allocation. After a swap every guarded
+//! connection is re-checked ([`recheck`]): a client whose credentials, connection or any existing
+//! subscription the new snapshot forbids is kicked with 0x87 (v5: DISCONNECT with the reason as
+//! reason string; 3.1.1: the connection closes) and `$SYS/events/policy_revoked` says who and
+//! why. Everyone else stays connected.
+//!
+//! **Authentication methods** (per port, the methods of its `authenticationRefs` in order):
+//! `UsernamePassword` with inline argon2 PHC hashes (no inline credentials: the node's own
+//! `--password-file`, else nobody); `X509`: a client certificate verified by the TLS layer
+//! against the port's trust bundle (`clientCaPem`, the X509 methods' `trustedCaPem` and, on ports
+//! with authentication, the bound namespaces' CA certificates; a non-empty bundle makes client
+//! certificates mandatory on that port), with `authorizationAttributes` as principal attributes;
+//! Event Grid clients reach their namespace by TLS SNI `<namespace>.<domain>` and are checked
+//! against the registry (validation scheme, thumbprints). `ServiceAccountToken`, `Custom` and
+//! `Svid` are carried but authenticate nobody yet (fail closed).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use meridian_codec::{Connect, ReasonCode};
+use meridian_contract::{
+    Applied, AuthenticationMethod, AuthorizationPolicy, BrokerMethod, BrokerSnapshot, ClientState,
+    EventGridNamespace, NodeError, NodeHealth, NodeReport, PermissionType, Protocol, Rejection,
+    ServerCertificate, SnapshotSink, ValidationScheme, node::ApplyFuture,
+};
+use meridian_net::{ListenerSpec, NetError, TlsFiles, TlsInfo, Transport};
+use meridian_policy::model as pm;
+use meridian_policy::{Action, PolicyEngine, PolicyModel, Principal, x509};
+use parking_lot::{Mutex, RwLock};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Shared;
+use crate::config::BrokerConfig;
+
+/// Errors kept for the node report.
+const MAX_ERRORS: usize = 10;
+
+/// File name of the persisted snapshot inside the data directory.
+pub const SNAPSHOT_FILE: &str = "snapshot.json";
+
+// ---------------------------------------------------------------------------------------------
+// What connections see
+
+/// How a guarded connection proved who it is; kept to re-check it after a swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Credential {
+    /// The port had authentication disabled.
+    Open,
+    /// Username and password, verified against this PHC hash.
+    Password { username: String, hash: Arc<str> },
+    /// A client certificate accepted by an X509 method.
+    Certificate,
+    /// An Event Grid namespace client (certificate checked against the registry).
+    Namespace,
+}
+
+/// The authorization context of one connection accepted on a snapshot port.
+#[derive(Debug)]
+pub(crate) struct Guard {
+    /// The port it came through (see [`LiveState::ports`]).
+    pub(crate) slot: u32,
+    pub(crate) principal: Principal,
+    credential: Credential,
+    /// Why the node is closing this connection (sent as the DISCONNECT reason string).
+    revoked: Mutex<Option<String>>,
+}
+
+impl Guard {
+    /// The reason string for the DISCONNECT, when the node kicked this connection.
+    pub(crate) fn revoked(&self) -> Option<String> {
+        self.revoked.lock().clone()
+    }
+
+    fn revoke(&self, why: String) {
+        *self.revoked.lock() = Some(why);
+    }
+}
+
+/// The policy of one open snapshot port.
+#[derive(Debug)]
+pub(crate) struct PortPolicy {
+    /// `None`: authentication disabled (anyone connects).
+    authn: Option<Arc<Authn>>,
+    /// IoT Operations rules apply (deny by default).
+    authz_enabled: bool,
+    /// The port's rules plus every enabled namespace; `None` when neither exists.
+    engine: Option<Arc<PolicyEngine>>,
+}
+
+impl PortPolicy {
+    /// The engine that judges `p`, `Ok(None)` when nothing restricts it, `Err` when it must be
+    /// refused (a namespaced client on a port without an engine).
+    fn engine_for(&self, p: &Principal) -> Result<Option<&PolicyEngine>, ()> {
+        if p.namespace.is_some() {
+            return self.engine.as_deref().map(Some).ok_or(());
+        }
+        if self.authz_enabled {
+            // Enabled without an engine cannot happen (the build makes one); deny if it did.
+            return self.engine.as_deref().map(Some).ok_or(());
+        }
+        Ok(None)
+    }
+
+    fn allows(&self, p: &Principal, action: Action, topic: &str) -> bool {
+        match self.engine_for(p) {
+            Ok(None) => true,
+            Ok(Some(e)) => match action {
+                Action::Publish => e.publish(p, topic).allowed,
+                Action::Subscribe => e.subscribe(p, topic).allowed,
+                Action::Connect => e.connect(p).allowed,
+            },
+            Err(()) => false,
+        }
+    }
+
+    fn connect_verdict(&self, p: &Principal) -> Result<(), Cow<'static, str>> {
+        match self.engine_for(p) {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => {
+                let d = e.connect(p);
+                if d.allowed { Ok(()) } else { Err(d.reason) }
+            }
+            Err(()) => Err(Cow::Borrowed("no authorization engine for this client")),
+        }
+    }
+
+    /// Re-checks a connected client against this (new) policy.
+    fn recheck<'a>(
+        &self,
+        g: &Guard,
+        filters: impl Iterator<Item = &'a String>,
+    ) -> Result<(), String> {
+        if let Some(a) = &self.authn {
+            match &g.credential {
+                Credential::Open => {
+                    return Err("authentication is now required on this listener".into());
+                }
+                Credential::Password { username, hash } => {
+                    // Verified against the node's password file (empty hash): valid while the
+                    // port still falls back to it. Inline: the same hash must still be there.
+                    let still = if hash.is_empty() {
+                        a.node_password_file
+                    } else {
+                        a.passwords.get(username).is_some_and(|e| e.hash == *hash)
+                    };
+                    if !still {
+                        return Err(format!(
+                            "the credentials of user '{username}' were changed or removed"
+                        ));
+                    }
+                }
+                Credential::Certificate => {
+                    if !a.has_x509 {
+                        return Err("X.509 authentication was removed from this listener".into());
+                    }
+                }
+                Credential::Namespace => {}
+            }
+        }
+        if let Err(why) = self.connect_verdict(&g.principal) {
+            return Err(format!("connection no longer authorized: {why}"));
+        }
+        for f in filters {
+            if !self.allows(&g.principal, Action::Subscribe, f) {
+                return Err(format!("subscription '{f}' is no longer authorized"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Authentication of one port: the merged methods of its `authenticationRefs`.
+#[derive(Debug, Default)]
+struct Authn {
+    /// username → hash and attributes (the first policy naming a user wins).
+    passwords: HashMap<String, PasswordEntry>,
+    /// A `UsernamePassword` method without inline credentials: use the node's password file.
+    node_password_file: bool,
+    /// Some X509 method is present (the TLS layer verified the chain).
+    has_x509: bool,
+    /// `authorizationAttributes` of each X509 method.
+    x509_attributes: Vec<x509::AuthorizationAttributes>,
+}
+
+#[derive(Debug)]
+struct PasswordEntry {
+    hash: Arc<str>,
+    attributes: BTreeMap<String, String>,
+}
+
+/// How clients of a bound namespace are named (for SNI admission).
+#[derive(Debug)]
+struct NamespaceAuth {
+    name: String,
+    sources: Vec<x509::AuthenticationNameSource>,
+}
+
+/// What the last successful apply installed.
+#[derive(Debug, Clone)]
+struct AppliedMark {
+    generation: u64,
+    digest: String,
+    broker_id: String,
+}
+
+/// The swappable part of the node: read on every guarded check, replaced whole by [`apply`].
+#[derive(Debug, Default)]
+pub(crate) struct LiveState {
+    applied: Option<AppliedMark>,
+    ports: HashMap<u32, Arc<PortPolicy>>,
+    /// Enabled namespaces by lower-case name.
+    namespaces: HashMap<String, Arc<NamespaceAuth>>,
+}
+
+/// Identity of a snapshot port across snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PortKey {
+    Fixed(u16),
+    /// Port 0: the listener (lower-case name) and the port's index.
+    Ephemeral(String, usize),
+}
+
+/// An open snapshot port.
+#[derive(Debug)]
+struct OpenPort {
+    slot: u32,
+    /// Transport and TLS material: a change re-binds the port.
+    fingerprint: String,
+    info: SnapshotListener,
+    cancel: CancellationToken,
+}
+
+/// A listener port opened from a snapshot, as tests and the CLI see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotListener {
+    /// ARM id of the listener resource.
+    pub listener_id: String,
+    /// Its name.
+    pub listener_name: String,
+    /// The port as configured (0 = ephemeral).
+    pub port: u16,
+    pub transport: Transport,
+    /// Where it is bound (port 0 resolved).
+    pub addr: SocketAddr,
+}
+
+/// The node's live-configuration state, owned by [`Shared`].
+pub(crate) struct Live {
+    state: RwLock<Arc<LiveState>>,
+    /// Open snapshot ports; the lock also serializes applies.
+    open: tokio::sync::Mutex<HashMap<PortKey, OpenPort>>,
+    /// Mirror of `open` for synchronous readers.
+    listeners: Mutex<Vec<SnapshotListener>>,
+    errors: Mutex<VecDeque<NodeError>>,
+    /// The latest apply attempt failed (the node serves its previous snapshot).
+    degraded: Mutex<bool>,
+    next_slot: AtomicU32,
+    /// Where the snapshot is persisted (`None` without a data dir).
+    snapshot_path: Option<PathBuf>,
+    /// Where inline TLS material is written for the listeners.
+    tls_dir: PathBuf,
+    /// The admin endpoint's bound address (the default push endpoint).
+    pub(crate) admin_addr: OnceLock<SocketAddr>,
+}
+
+impl Live {
+    pub(crate) fn new(cfg: &BrokerConfig) -> Live {
+        let tls_dir = match &cfg.data_dir {
+            Some(d) => d.join("tls"),
+            None => std::env::temp_dir().join(format!(
+                "meridian-tls-{}-{}",
+                std::process::id(),
+                crate::broker::now_ms()
+            )),
+        };
+        Live {
+            state: RwLock::new(Arc::new(LiveState::default())),
+            open: tokio::sync::Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Vec::new()),
+            errors: Mutex::new(VecDeque::new()),
+            degraded: Mutex::new(false),
+            next_slot: AtomicU32::new(1),
+            snapshot_path: cfg.data_dir.as_ref().map(|d| d.join(SNAPSHOT_FILE)),
+            tls_dir,
+            admin_addr: OnceLock::new(),
+        }
+    }
+
+    /// The snapshot persisted by the last successful apply, if any (and readable).
+    pub(crate) fn persisted(&self) -> Option<BrokerSnapshot> {
+        let path = self.snapshot_path.as_ref()?;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot read the stored snapshot: {e}");
+                return None;
+            }
+        };
+        match BrokerSnapshot::from_json(&bytes) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "ignoring the stored snapshot: {e}");
+                None
+            }
+        }
+    }
+
+    pub(crate) fn snapshot_listeners(&self) -> Vec<SnapshotListener> {
+        self.listeners.lock().clone()
+    }
+
+    fn record_error(&self, e: NodeError) {
+        let mut errors = self.errors.lock();
+        if errors.len() == MAX_ERRORS {
+            errors.pop_front();
+        }
+        errors.push_back(e);
+    }
+}
+
+/// May the guarded connection do `action` on `topic` under the current policy? The hot path:
+/// one read lock, one hash lookup, no allocation.
+pub(crate) fn allows(shared: &Shared, guard: &Guard, action: Action, topic: &str) -> bool {
+    let state = shared.live.state.read();
+    state
+        .ports
+        .get(&guard.slot)
+        .is_some_and(|p| p.allows(&guard.principal, action, topic))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission
+
+/// Authenticates and authorizes a CONNECT that arrived on snapshot port `slot`. `Err` is the
+/// CONNACK reason code.
+pub(crate) async fn admit(
+    shared: &Shared,
+    slot: u32,
+    connect: &Connect,
+    client_id: &str,
+    tls: Option<&TlsInfo>,
+) -> Result<Arc<Guard>, ReasonCode> {
+    let state = shared.live.state.read().clone();
+    let Some(port) = state.ports.get(&slot).cloned() else {
+        // The port was removed while this client was connecting.
+        return Err(ReasonCode::SERVER_UNAVAILABLE);
+    };
+    let mut principal = Principal::new(client_id);
+    principal.username = connect.username.clone();
+    let sni_namespace = tls
+        .and_then(|t| t.sni.as_deref())
+        .and_then(|sni| sni.split('.').next())
+        .and_then(|label| state.namespaces.get(&label.to_ascii_lowercase()));
+    let credential = if let Some(ns) = sni_namespace {
+        namespace_client(&port, ns, connect, tls, &mut principal)?;
+        Credential::Namespace
+    } else {
+        match &port.authn {
+            None => Credential::Open,
+            Some(authn) => authenticate(shared, authn, connect, tls, &mut principal).await?,
+        }
+    };
+    if let Err(why) = port.connect_verdict(&principal) {
+        tracing::debug!(client = client_id, %why, "CONNECT not authorized");
+        return Err(ReasonCode::NOT_AUTHORIZED);
+    }
+    if let Some(will) = &connect.will
+        && !port.allows(&principal, Action::Publish, &will.topic)
+    {
+        tracing::debug!(
+            client = client_id,
+            topic = will.topic,
+            "will topic not authorized"
+        );
+        return Err(ReasonCode::NOT_AUTHORIZED);
+    }
+    Ok(Arc::new(Guard {
+        slot,
+        principal,
+        credential,
+        revoked: Mutex::new(None),
+    }))
+}
+
+/// The IoT Operations methods of a port: a verified certificate, else username/password.
+async fn authenticate(
+    shared: &Shared,
+    authn: &Authn,
+    connect: &Connect,
+    tls: Option<&TlsInfo>,
+    principal: &mut Principal,
+) -> Result<Credential, ReasonCode> {
+    let chain = tls.map(|t| t.peer_certificates.as_slice()).unwrap_or(&[]);
+    if authn.has_x509 && !chain.is_empty() {
+        // The TLS layer verified the chain against the port's trust bundle.
+        let identities: Vec<x509::CertificateIdentity> = chain
+            .iter()
+            .filter_map(|der| x509::identity_from_der(der).ok())
+            .collect();
+        if principal.username.is_none() {
+            principal.username = identities
+                .first()
+                .and_then(|i| i.common_names.first().cloned());
+        }
+        if let Some(m) = authn
+            .x509_attributes
+            .iter()
+            .find_map(|a| a.for_chain(&identities))
+        {
+            principal.attributes = m.attributes.clone();
+        }
+        return Ok(Credential::Certificate);
+    }
+    let Some(username) = &connect.username else {
+        return Err(ReasonCode::NOT_AUTHORIZED);
+    };
+    let password = connect.password.as_deref().unwrap_or_default().to_vec();
+    if let Some(entry) = authn.passwords.get(username) {
+        if crate::auth::verify_phc(entry.hash.to_string(), password).await {
+            principal.attributes = entry.attributes.clone();
+            return Ok(Credential::Password {
+                username: username.clone(),
+                hash: entry.hash.clone(),
+            });
+        }
+        return Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+    }
+    if authn.node_password_file
+        && let Some(file) = &shared.passwords
+        && file.verify(username, &password).await
+    {
+        return Ok(Credential::Password {
+            username: username.clone(),
+            hash: Arc::from(""),
+        });
+    }
+    Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+}
+
+/// An Event Grid client reaching namespace `ns` by SNI: a certificate is required and must
+/// identify a registered client by its validation scheme.
+fn namespace_client(
+    port: &PortPolicy,
+    ns: &NamespaceAuth,
+    connect: &Connect,
+    tls: Option<&TlsInfo>,
+    principal: &mut Principal,
+) -> Result<(), ReasonCode> {
+    let leaf = tls
+        .and_then(|t| t.peer_certificates.first())
+        .ok_or(ReasonCode::NOT_AUTHORIZED)?;
+    let identity = x509::identity_from_der(leaf).map_err(|_| ReasonCode::NOT_AUTHORIZED)?;
+    let name = match connect.username.as_deref().filter(|u| !u.is_empty()) {
+        Some(u) => u.to_owned(),
+        None => x509::authentication_name_from_certificate(&identity, &ns.sources)
+            .ok_or(ReasonCode::BAD_USER_NAME_OR_PASSWORD)?,
+    };
+    let engine = port.engine.as_deref().ok_or(ReasonCode::NOT_AUTHORIZED)?;
+    let client = engine
+        .event_grid_client(&ns.name, &name)
+        .ok_or(ReasonCode::NOT_AUTHORIZED)?;
+    let settings = client
+        .client_certificate_authentication
+        .clone()
+        .unwrap_or_default();
+    x509::validate_client_certificate(&identity, &settings, &name)
+        .map_err(|_| ReasonCode::BAD_USER_NAME_OR_PASSWORD)?;
+    principal.namespace = Some(ns.name.clone());
+    principal.authentication_name = Some(name);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apply
+
+fn reject(generation: u64, resource_id: &str, message: impl Into<String>) -> Rejection {
+    Rejection {
+        generation,
+        resource_id: (!resource_id.is_empty()).then(|| resource_id.to_owned()),
+        message: message.into(),
+    }
+}
+
+/// Applies a snapshot to the running node (see the module docs). A snapshot whose generation
+/// is not newer than the applied one answers with the applied generation and changes nothing.
+pub(crate) async fn apply(
+    shared: &Arc<Shared>,
+    snap: BrokerSnapshot,
+) -> Result<Applied, Rejection> {
+    let mut open = shared.live.open.lock().await;
+    let generation = snap.generation;
+    if shared.cancel.is_cancelled() {
+        return Err(reject(generation, "", "the node is shutting down"));
+    }
+    if let Some(a) = &shared.live.state.read().applied
+        && generation <= a.generation
+    {
+        return Ok(Applied {
+            applied_generation: a.generation,
+        });
+    }
+    let started = Instant::now();
+    let result = apply_locked(shared, &mut open, snap).await;
+    match &result {
+        Ok(a) => {
+            *shared.live.degraded.lock() = false;
+            tracing::info!(
+                generation = a.applied_generation,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "snapshot applied"
+            );
+        }
+        Err(r) => {
+            *shared.live.degraded.lock() = true;
+            tracing::warn!(
+                generation = r.generation,
+                resource = r.resource_id.as_deref().unwrap_or(""),
+                "snapshot rejected: {}",
+                r.message
+            );
+            shared.live.record_error(NodeError {
+                generation: r.generation,
+                resource_id: r.resource_id.clone(),
+                message: r.message.clone(),
+            });
+        }
+    }
+    result
+}
+
+/// A port of the new snapshot, built and ready to bind.
+struct PlannedPort {
+    key: PortKey,
+    listener_id: String,
+    listener_name: String,
+    port: u16,
+    transport: Transport,
+    /// TLS server material, when the port has TLS.
+    tls: Option<PlannedTls>,
+    /// Client CA bundle (PEM); empty = no client certificates.
+    client_ca: String,
+    fingerprint: String,
+    policy: PortPolicy,
+}
+
+enum PlannedTls {
+    Manual {
+        cert: String,
+        key: String,
+    },
+    /// Self-signed with these subject alternative names (see the module docs).
+    Automatic {
+        sans: Vec<String>,
+    },
+}
+
+async fn apply_locked(
+    shared: &Arc<Shared>,
+    open: &mut HashMap<PortKey, OpenPort>,
+    snap: BrokerSnapshot,
+) -> Result<Applied, Rejection> {
+    let generation = snap.generation;
+    if let Some(cp) = &shared.cfg.control_plane
+        && !cp.broker.eq_ignore_ascii_case(&snap.broker_id)
+    {
+        return Err(reject(
+            generation,
+            &snap.broker_id,
+            format!(
+                "this node serves broker {} and cannot apply a snapshot of {}",
+                cp.broker, snap.broker_id
+            ),
+        ));
+    }
+    if let Err(invalid) = snap.validate() {
+        let first = invalid
+            .violations
+            .first()
+            .map(|v| v.resource_id.clone())
+            .unwrap_or_default();
+        return Err(reject(generation, &first, invalid.to_string()));
+    }
+    let (planned, namespaces) = plan(&snap)?;
+
+    // Bind every new or changed port before anything is swapped. A failure drops what was
+    // bound so far (closing it) and leaves the node as it was.
+    let mut bound: Vec<(usize, meridian_net::Listener)> = Vec::new();
+    let mut rebound_slots: HashMap<PortKey, u32> = HashMap::new();
+    for (i, p) in planned.iter().enumerate() {
+        if open
+            .get(&p.key)
+            .is_some_and(|o| o.fingerprint == p.fingerprint)
+        {
+            continue;
+        }
+        let rebind = open.remove(&p.key);
+        if let Some(old) = &rebind {
+            // Same port, new protocol or TLS material: the old socket must go first. Its
+            // connections stay and follow the port's new policy (same slot).
+            old.cancel.cancel();
+            rebound_slots.insert(p.key.clone(), old.slot);
+        }
+        match bind(shared, p, rebind.is_some()).await {
+            Ok(l) => bound.push((i, l)),
+            Err(message) => return Err(reject(generation, &p.listener_id, message)),
+        }
+    }
+
+    // Persist before the swap: a node that restarts serves what it acknowledged.
+    if let Some(path) = &shared.live.snapshot_path
+        && let Err(e) = persist(path, &snap)
+    {
+        return Err(reject(
+            generation,
+            "",
+            format!("cannot store the snapshot at {}: {e}", path.display()),
+        ));
+    }
+
+    // Slots: a kept (or re-bound) port keeps its slot, so its connections follow its new policy.
+    let slots: Vec<u32> = planned
+        .iter()
+        .map(|p| match (open.get(&p.key), rebound_slots.get(&p.key)) {
+            (Some(o), _) => o.slot,
+            (None, Some(s)) => *s,
+            (None, None) => shared.live.next_slot.fetch_add(1, Ordering::Relaxed),
+        })
+        .collect();
+    let mut ports = HashMap::new();
+    let mut metas = Vec::with_capacity(planned.len());
+    for (p, slot) in planned.into_iter().zip(&slots) {
+        ports.insert(*slot, Arc::new(p.policy));
+        metas.push((
+            p.key,
+            p.fingerprint,
+            p.listener_id,
+            p.listener_name,
+            p.port,
+            p.transport,
+        ));
+    }
+    let digest = snap.digest();
+    let new_state = Arc::new(LiveState {
+        applied: Some(AppliedMark {
+            generation,
+            digest: digest.clone(),
+            broker_id: snap.broker_id.clone(),
+        }),
+        ports,
+        namespaces,
+    });
+    *shared.live.state.write() = new_state.clone();
+
+    // Removed ports stop accepting; their connections are closed by `enforce` below.
+    let wanted: std::collections::HashSet<&PortKey> = metas.iter().map(|m| &m.0).collect();
+    let removed: Vec<PortKey> = open
+        .keys()
+        .filter(|k| !wanted.contains(k))
+        .cloned()
+        .collect();
+    let mut closed: HashMap<u32, String> = HashMap::new();
+    for k in removed {
+        if let Some(o) = open.remove(&k) {
+            o.cancel.cancel();
+            tracing::info!(listener = o.info.listener_name, port = o.info.port, addr = %o.info.addr, "listener closed");
+            closed.insert(
+                o.slot,
+                format!(
+                    "listener '{}' port {} was removed",
+                    o.info.listener_name, o.info.port
+                ),
+            );
+        }
+    }
+    // New and re-bound ports start accepting now that their policy is in place.
+    for (i, listener) in bound {
+        let (key, fingerprint, listener_id, listener_name, port, transport) = metas[i].clone();
+        let cancel = shared.cancel.child_token();
+        let info = SnapshotListener {
+            listener_id,
+            listener_name,
+            port,
+            transport,
+            addr: listener.local_addr(),
+        };
+        tracing::info!(listener = info.listener_name, port, addr = %info.addr, transport = transport.scheme(), "listener opened");
+        start_accepting(shared, listener, slots[i], cancel.clone());
+        open.insert(
+            key,
+            OpenPort {
+                slot: slots[i],
+                fingerprint,
+                info,
+                cancel,
+            },
+        );
+    }
+    let mut infos: Vec<SnapshotListener> = open.values().map(|o| o.info.clone()).collect();
+    infos.sort_by(|a, b| (&a.listener_name, a.port).cmp(&(&b.listener_name, b.port)));
+    *shared.live.listeners.lock() = infos;
+
+    let (revoked, dropped) = enforce(shared, &new_state, &closed, generation);
+    shared.event(
+        "snapshot_applied",
+        serde_json::json!({"generation": generation, "digest": digest,
+            "listeners": open.len(), "revoked": revoked, "closed": dropped}),
+    );
+    Ok(Applied {
+        applied_generation: generation,
+    })
+}
+
+/// Accept loop of one snapshot port, until its token is cancelled (port removed or re-bound,
+/// or the node shuts down).
+fn start_accepting(
+    shared: &Arc<Shared>,
+    mut listener: meridian_net::Listener,
+    slot: u32,
+    cancel: CancellationToken,
+) {
+    let s = shared.clone();
+    shared.tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(acc) => {
+                        let s2 = s.clone();
+                        s.tracker.spawn(crate::conn::serve(s2, acc, Some(slot)));
+                    }
+                    Err(NetError::Closed) => break,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+        // Dropping the listener closes the socket.
+    });
+}
+
+/// Re-checks every guarded connection against `state`: connections of closed ports get 0x8B,
+/// connections the new policy forbids get 0x87 and a `policy_revoked` event. Returns (revoked,
+/// closed).
+fn enforce(
+    shared: &Shared,
+    state: &LiveState,
+    closed: &HashMap<u32, String>,
+    generation: u64,
+) -> (usize, usize) {
+    let handles: Vec<_> = shared.sessions.lock().values().cloned().collect();
+    let (mut revoked, mut dropped) = (0, 0);
+    for h in handles {
+        let verdict = {
+            let inner = h.inner.lock();
+            let Some(out) = inner.conn.clone() else {
+                continue;
+            };
+            let Some(guard) = out.guard.clone() else {
+                continue;
+            };
+            let verdict = match state.ports.get(&guard.slot) {
+                None => Err((
+                    ReasonCode::SERVER_SHUTTING_DOWN,
+                    closed
+                        .get(&guard.slot)
+                        .cloned()
+                        .unwrap_or_else(|| "the listener was closed".into()),
+                )),
+                Some(port) => port
+                    .recheck(&guard, inner.session.subscriptions.keys())
+                    .map_err(|why| (ReasonCode::NOT_AUTHORIZED, why)),
+            };
+            match verdict {
+                Ok(()) => None,
+                Err(v) => Some((out, guard, v)),
+            }
+        };
+        let Some((out, guard, (code, why))) = verdict else {
+            continue;
+        };
+        guard.revoke(why.clone());
+        out.kick(code.0);
+        if code == ReasonCode::NOT_AUTHORIZED {
+            revoked += 1;
+            tracing::info!(client = %h.client_id, reason = %why, generation, "policy revoked a connection");
+            shared.event(
+                "policy_revoked",
+                serde_json::json!({"client_id": &*h.client_id, "reason_code": code.0,
+                    "reason": why, "generation": generation}),
+            );
+        } else {
+            dropped += 1;
+        }
+    }
+    (revoked, dropped)
+}
+
+/// Right after a guarded connection attached to its session: subscriptions a resumed session
+/// holds that the current policy forbids are removed (the client cannot be told in a CONNACK,
+/// and kicking it would loop), each with a `policy_revoked` event; and a policy swapped in while
+/// the client was connecting is applied to it.
+pub(crate) fn after_attach(shared: &Shared, handle: &Arc<crate::broker::SessionHandle>) {
+    let (out, guard) = {
+        let inner = handle.inner.lock();
+        let Some(out) = inner.conn.clone() else {
+            return;
+        };
+        let Some(guard) = out.guard.clone() else {
+            return;
+        };
+        (out, guard)
+    };
+    let state = shared.live.state.read().clone();
+    let Some(port) = state.ports.get(&guard.slot) else {
+        guard.revoke("the listener was closed".into());
+        out.kick(ReasonCode::SERVER_SHUTTING_DOWN.0);
+        return;
+    };
+    let forbidden: Vec<String> = {
+        let inner = handle.inner.lock();
+        inner
+            .session
+            .subscriptions
+            .keys()
+            .filter(|f| !port.allows(&guard.principal, Action::Subscribe, f))
+            .cloned()
+            .collect()
+    };
+    if !forbidden.is_empty() {
+        let key = crate::broker::SessionKey(handle.clone());
+        for f in &forbidden {
+            handle.inner.lock().session.subscriptions.remove(f);
+            shared.router.write().unsubscribe(&key, f);
+            shared.event(
+                "policy_revoked",
+                serde_json::json!({"client_id": &*handle.client_id, "filter": f,
+                    "reason": "subscription of the resumed session is not authorized; removed"}),
+            );
+        }
+        if let Some(c) = shared.persist_session(handle) {
+            drop(c);
+        }
+    }
+    if let Err(why) = port.recheck(&guard, std::iter::empty()) {
+        guard.revoke(why);
+        out.kick(ReasonCode::NOT_AUTHORIZED.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building a plan (no I/O, no side effects)
+
+/// Parses a PEM bundle of CA certificates: at least one, each a DER certificate rustls accepts
+/// as a trust anchor.
+fn parse_ca_bundle(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM CERTIFICATE block".into());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, der) in certs.iter().enumerate() {
+        x509::identity_from_der(der)
+            .map_err(|e| format!("certificate {} does not parse: {e}", i + 1))?;
+        roots
+            .add(der.clone())
+            .map_err(|e| format!("certificate {} is not a usable CA: {e}", i + 1))?;
+    }
+    Ok(certs)
+}
+
+/// The parts of one authentication policy a port needs.
+#[derive(Default)]
+struct AuthnParts {
+    passwords: Vec<(String, PasswordEntry)>,
+    node_password_file: bool,
+    has_x509: bool,
+    x509_attributes: Vec<x509::AuthorizationAttributes>,
+    ca_pem: String,
+}
+
+fn authn_parts(a: &meridian_contract::AuthenticationPolicy) -> Result<AuthnParts, String> {
+    let mut parts = AuthnParts::default();
+    for (i, m) in a.methods.iter().enumerate() {
+        match m {
+            AuthenticationMethod::UsernamePassword(s) => {
+                if s.credentials.is_empty() {
+                    parts.node_password_file = true;
+                }
+                for c in &s.credentials {
+                    argon2::PasswordHash::new(&c.password_hash).map_err(|e| {
+                        format!(
+                            "methods[{i}]: user '{}': invalid argon2 PHC hash: {e}",
+                            c.username
+                        )
+                    })?;
+                    parts.passwords.push((
+                        c.username.clone(),
+                        PasswordEntry {
+                            hash: Arc::from(c.password_hash.as_str()),
+                            attributes: c.attributes.clone(),
+                        },
+                    ));
+                }
+            }
+            AuthenticationMethod::X509(s) => {
+                parts.has_x509 = true;
+                if let Some(pem) = &s.trusted_ca_pem {
+                    parse_ca_bundle(pem)
+                        .map_err(|e| format!("methods[{i}] X509 trustedCaPem {e}"))?;
+                    parts.ca_pem.push_str(pem.trim());
+                    parts.ca_pem.push('\n');
+                }
+                let rules: BTreeMap<String, x509::X509AttributeRule> = s
+                    .authorization_attributes
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            x509::X509AttributeRule {
+                                subject: v.subject.clone(),
+                                attributes: v.attributes.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                parts.x509_attributes.push(
+                    x509::AuthorizationAttributes::compile(&rules)
+                        .map_err(|e| format!("methods[{i}] X509: {e}"))?,
+                );
+            }
+            // Carried, not implemented on the node yet: they authenticate nobody (fail closed).
+            AuthenticationMethod::ServiceAccountToken(_)
+            | AuthenticationMethod::Custom(_)
+            | AuthenticationMethod::Svid(_) => {}
+            AuthenticationMethod::Unknown => {
+                return Err(format!("methods[{i}]: unknown authentication method"));
+            }
+        }
+    }
+    Ok(parts)
+}
+
+fn iot_model(a: &AuthorizationPolicy) -> Result<pm::IotAuthorization, String> {
+    let mut rules = Vec::with_capacity(a.rules.len());
+    for (i, r) in a.rules.iter().enumerate() {
+        let mut resources = Vec::with_capacity(r.broker_resources.len());
+        for (j, b) in r.broker_resources.iter().enumerate() {
+            let method = match b.method {
+                BrokerMethod::Connect => pm::BrokerMethod::Connect,
+                BrokerMethod::Publish => pm::BrokerMethod::Publish,
+                BrokerMethod::Subscribe => pm::BrokerMethod::Subscribe,
+                BrokerMethod::Unknown => {
+                    return Err(format!("rules[{i}].brokerResources[{j}]: unknown method"));
+                }
+            };
+            resources.push(pm::BrokerResourceRule {
+                method,
+                client_ids: b.client_ids.clone(),
+                topics: b.topics.clone(),
+            });
+        }
+        rules.push(pm::AuthorizationRule {
+            principals: pm::PrincipalDefinition {
+                client_ids: r.principals.client_ids.clone(),
+                usernames: r.principals.usernames.clone(),
+                attributes: r.principals.attributes.clone(),
+            },
+            broker_resources: resources,
+        });
+    }
+    Ok(pm::IotAuthorization {
+        name: a.name.clone(),
+        rules,
+    })
+}
+
+/// A namespace as the policy model sees it; errors name the child resource at fault.
+fn namespace_model(ns: &EventGridNamespace) -> Result<pm::EventGridNamespace, (String, String)> {
+    let mut clients = Vec::with_capacity(ns.clients.len());
+    for c in &ns.clients {
+        let mut attributes = BTreeMap::new();
+        for (k, v) in &c.attributes {
+            let value: pm::AttributeValue = serde_json::from_value(v.clone()).map_err(|_| {
+                (
+                    c.id.clone(),
+                    format!("attribute '{k}' must be a string, integer, boolean or string array"),
+                )
+            })?;
+            attributes.insert(k.clone(), value);
+        }
+        let state = match c.state {
+            ClientState::Enabled => pm::ClientState::Enabled,
+            ClientState::Disabled => pm::ClientState::Disabled,
+            ClientState::Unknown => return Err((c.id.clone(), "unknown client state".into())),
+        };
+        let cert = match &c.certificate_authentication {
+            None => None,
+            Some(a) => Some(x509::ClientCertificateAuthentication {
+                validation_scheme: match a.validation_scheme {
+                    None | Some(ValidationScheme::SubjectMatchesAuthenticationName) => {
+                        x509::ValidationScheme::SubjectMatchesAuthenticationName
+                    }
+                    Some(ValidationScheme::DnsMatchesAuthenticationName) => {
+                        x509::ValidationScheme::DnsMatchesAuthenticationName
+                    }
+                    Some(ValidationScheme::UriMatchesAuthenticationName) => {
+                        x509::ValidationScheme::UriMatchesAuthenticationName
+                    }
+                    Some(ValidationScheme::IpMatchesAuthenticationName) => {
+                        x509::ValidationScheme::IpMatchesAuthenticationName
+                    }
+                    Some(ValidationScheme::EmailMatchesAuthenticationName) => {
+                        x509::ValidationScheme::EmailMatchesAuthenticationName
+                    }
+                    Some(ValidationScheme::ThumbprintMatch) => {
+                        x509::ValidationScheme::ThumbprintMatch
+                    }
+                    Some(ValidationScheme::Unknown) => {
+                        return Err((c.id.clone(), "unknown validation scheme".into()));
+                    }
+                },
+                allowed_thumbprints: a.allowed_thumbprints.clone(),
+            }),
+        };
+        clients.push(pm::EventGridClient {
+            name: c.name.clone(),
+            authentication_name: Some(c.authentication_name.clone()),
+            state,
+            attributes,
+            client_certificate_authentication: cert,
+        });
+    }
+    let mut bindings = Vec::with_capacity(ns.permission_bindings.len());
+    for b in &ns.permission_bindings {
+        bindings.push(pm::PermissionBinding {
+            name: b.name.clone(),
+            client_group_name: b.client_group_name.clone(),
+            topic_space_name: b.topic_space_name.clone(),
+            permission: match b.permission {
+                PermissionType::Publisher => pm::Permission::Publisher,
+                PermissionType::Subscriber => pm::Permission::Subscriber,
+                PermissionType::Unknown => {
+                    return Err((b.id.clone(), "unknown permission".into()));
+                }
+            },
+        });
+    }
+    Ok(pm::EventGridNamespace {
+        name: ns.name.clone(),
+        clients,
+        client_groups: ns
+            .client_groups
+            .iter()
+            .map(|g| pm::ClientGroup {
+                name: g.name.clone(),
+                query: g.query.clone(),
+            })
+            .collect(),
+        topic_spaces: ns
+            .topic_spaces
+            .iter()
+            .map(|t| pm::TopicSpace {
+                name: t.name.clone(),
+                topic_templates: t.topic_templates.clone(),
+            })
+            .collect(),
+        permission_bindings: bindings,
+    })
+}
+
+/// The child of `ns` a compile error is about: the one whose quoted name the error mentions
+/// (client groups, topic spaces and bindings first), else the namespace.
+fn namespace_culprit(ns: &EventGridNamespace, error: &str) -> String {
+    let named = |name: &str| error.contains(&format!("{name:?}"));
+    ns.client_groups
+        .iter()
+        .map(|g| (&g.id, &g.name))
+        .chain(ns.topic_spaces.iter().map(|t| (&t.id, &t.name)))
+        .chain(ns.permission_bindings.iter().map(|b| (&b.id, &b.name)))
+        .chain(ns.clients.iter().map(|c| (&c.id, &c.name)))
+        .find(|(_, name)| named(name))
+        .map(|(id, _)| id.clone())
+        .unwrap_or_else(|| ns.id.clone())
+}
+
+fn name_source(s: &str) -> Option<x509::AuthenticationNameSource> {
+    use x509::AuthenticationNameSource as S;
+    Some(match s {
+        "ClientCertificateSubject" => S::ClientCertificateSubject,
+        "ClientCertificateDns" => S::ClientCertificateDns,
+        "ClientCertificateUri" => S::ClientCertificateUri,
+        "ClientCertificateIp" => S::ClientCertificateIp,
+        "ClientCertificateEmail" => S::ClientCertificateEmail,
+        _ => return None,
+    })
+}
+
+type Plan = (Vec<PlannedPort>, HashMap<String, Arc<NamespaceAuth>>);
+
+/// Everything the snapshot needs, parsed and compiled; nothing bound yet.
+fn plan(snap: &BrokerSnapshot) -> Result<Plan, Rejection> {
+    let generation = snap.generation;
+
+    // Authentication policies, by lower-case name.
+    let mut authns: HashMap<String, AuthnParts> = HashMap::new();
+    for a in &snap.authentications {
+        let parts = authn_parts(a).map_err(|e| reject(generation, &a.id, e))?;
+        authns.insert(a.name.to_lowercase(), parts);
+    }
+
+    // Authorization policies, each compiled alone so an error names its resource.
+    let mut authzs: HashMap<String, pm::IotAuthorization> = HashMap::new();
+    for a in &snap.authorizations {
+        let model = iot_model(a).map_err(|e| reject(generation, &a.id, e))?;
+        PolicyEngine::compile(&PolicyModel {
+            iot_operations: vec![model.clone()],
+            event_grid: Vec::new(),
+        })
+        .map_err(|e| {
+            reject(
+                generation,
+                &a.id,
+                format!("authorization '{}': {e}", a.name),
+            )
+        })?;
+        authzs.insert(a.name.to_lowercase(), model);
+    }
+
+    // Namespaces: CA certificates always parsed; enabled ones compiled and reachable by SNI.
+    let mut namespace_models = Vec::new();
+    let mut namespaces = HashMap::new();
+    let mut namespace_cas = String::new();
+    for ns in &snap.namespaces {
+        for ca in &ns.ca_certificates {
+            parse_ca_bundle(&ca.pem()).map_err(|e| {
+                reject(
+                    generation,
+                    &ca.id,
+                    format!("CA certificate '{}' {e}", ca.name),
+                )
+            })?;
+            namespace_cas.push_str(&ca.pem());
+        }
+        if !ns.topic_spaces_enabled {
+            continue;
+        }
+        let model = namespace_model(ns).map_err(|(id, e)| reject(generation, &id, e))?;
+        PolicyEngine::compile(&PolicyModel {
+            iot_operations: Vec::new(),
+            event_grid: vec![model.clone()],
+        })
+        .map_err(|e| {
+            let msg = e.to_string();
+            reject(generation, &namespace_culprit(ns, &msg), msg)
+        })?;
+        let mut sources = Vec::new();
+        for s in &ns.alternative_authentication_name_sources {
+            sources.push(name_source(s).ok_or_else(|| {
+                reject(
+                    generation,
+                    &ns.id,
+                    format!("unknown alternativeAuthenticationNameSource '{s}'"),
+                )
+            })?);
+        }
+        namespaces.insert(
+            ns.name.to_lowercase(),
+            Arc::new(NamespaceAuth {
+                name: ns.name.clone(),
+                sources,
+            }),
+        );
+        namespace_models.push(model);
+    }
+
+    // Ports.
+    let mut engines: HashMap<Vec<String>, Arc<PolicyEngine>> = HashMap::new();
+    let mut planned = Vec::new();
+    for l in &snap.listeners {
+        for (index, port) in l.ports.iter().enumerate() {
+            let fail = |m: String| reject(generation, &l.id, m);
+            let at = format!("port {}", port.port);
+            let transport = match (port.protocol, port.tls.is_some()) {
+                (Protocol::Mqtt, false) => Transport::Tcp,
+                (Protocol::Mqtt, true) => Transport::Tls,
+                (Protocol::WebSockets, false) => Transport::Ws,
+                (Protocol::WebSockets, true) => Transport::Wss,
+                (Protocol::Unknown, _) => return Err(fail(format!("{at}: unknown protocol"))),
+            };
+            // Authentication.
+            let mut client_ca = String::new();
+            let authn = if port.authentication_enabled {
+                let mut merged = Authn::default();
+                for r in &port.authentication_refs {
+                    let Some(parts) = authns.get(&r.to_lowercase()) else {
+                        return Err(fail(format!("{at}: authentication '{r}' does not exist")));
+                    };
+                    for (u, e) in &parts.passwords {
+                        merged.passwords.entry(u.clone()).or_insert(PasswordEntry {
+                            hash: e.hash.clone(),
+                            attributes: e.attributes.clone(),
+                        });
+                    }
+                    merged.node_password_file |= parts.node_password_file;
+                    merged.has_x509 |= parts.has_x509;
+                    merged
+                        .x509_attributes
+                        .extend(parts.x509_attributes.iter().cloned());
+                    client_ca.push_str(&parts.ca_pem);
+                }
+                client_ca.push_str(&namespace_cas);
+                Some(Arc::new(merged))
+            } else {
+                None
+            };
+            // Authorization: the port's rules (when enabled) plus every enabled namespace.
+            let engine = if port.authorization_enabled || !namespace_models.is_empty() {
+                let mut key: Vec<String> = if port.authorization_enabled {
+                    port.authorization_refs
+                        .iter()
+                        .map(|r| r.to_lowercase())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                key.sort();
+                key.dedup();
+                key.insert(0, port.authorization_enabled.to_string());
+                match engines.get(&key) {
+                    Some(e) => Some(e.clone()),
+                    None => {
+                        let mut model = PolicyModel {
+                            iot_operations: Vec::new(),
+                            event_grid: namespace_models.clone(),
+                        };
+                        for r in key.iter().skip(1) {
+                            let Some(a) = authzs.get(r) else {
+                                return Err(fail(format!(
+                                    "{at}: authorization '{r}' does not exist"
+                                )));
+                            };
+                            model.iot_operations.push(a.clone());
+                        }
+                        let e = Arc::new(
+                            PolicyEngine::compile(&model)
+                                .map_err(|e| fail(format!("{at}: {e}")))?,
+                        );
+                        engines.insert(key, e.clone());
+                        Some(e)
+                    }
+                }
+            } else {
+                None
+            };
+            // TLS.
+            let tls = match &port.tls {
+                None => None,
+                Some(t) => {
+                    if let Some(pem) = &t.client_ca_pem {
+                        parse_ca_bundle(pem).map_err(|e| fail(format!("{at}: clientCaPem {e}")))?;
+                        client_ca.push_str(pem.trim());
+                        client_ca.push('\n');
+                    }
+                    Some(match &t.certificate {
+                        ServerCertificate::Manual(m) => {
+                            match (&m.certificate_pem, &m.private_key_pem) {
+                                (Some(cert), Some(key)) => {
+                                    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                                        .collect::<Result<Vec<_>, _>>()
+                                        .map_err(|e| fail(format!("{at}: certificatePem: {e}")))?;
+                                    if chain.is_empty() {
+                                        return Err(fail(format!(
+                                            "{at}: certificatePem holds no certificate"
+                                        )));
+                                    }
+                                    for der in &chain {
+                                        x509::identity_from_der(der).map_err(|e| {
+                                            fail(format!("{at}: certificatePem: {e}"))
+                                        })?;
+                                    }
+                                    rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())
+                                        .map_err(|e| fail(format!("{at}: privateKeyPem: {e}")))?;
+                                    PlannedTls::Manual {
+                                        cert: cert.clone(),
+                                        key: key.clone(),
+                                    }
+                                }
+                                _ => {
+                                    return Err(fail(format!(
+                                        "{at}: the certificate secret {:?} is not available on this node \
+                                         (Meridian has no secret store yet; the snapshot must carry \
+                                         certificatePem and privateKeyPem)",
+                                        m.secret_ref.as_deref().unwrap_or("")
+                                    )));
+                                }
+                            }
+                        }
+                        ServerCertificate::Automatic(a) => {
+                            let mut sans: Vec<String> =
+                                a.san.dns.iter().chain(&a.san.ip).cloned().collect();
+                            if sans.is_empty() {
+                                sans.push("localhost".into());
+                            }
+                            PlannedTls::Automatic { sans }
+                        }
+                        ServerCertificate::Unknown => {
+                            return Err(fail(format!("{at}: unknown certificate mode")));
+                        }
+                    })
+                }
+            };
+            if tls.is_none() {
+                // Plain ports cannot see client certificates.
+                client_ca.clear();
+            }
+            let fingerprint = {
+                let material = match &tls {
+                    None => String::new(),
+                    Some(PlannedTls::Manual { cert, key }) => {
+                        meridian_contract::sha256_hex(format!("{cert}\n{key}").as_bytes())
+                    }
+                    Some(PlannedTls::Automatic { sans }) => format!("auto:{}", sans.join(",")),
+                };
+                format!(
+                    "{}|{material}|{}",
+                    transport.scheme(),
+                    meridian_contract::sha256_hex(client_ca.as_bytes())
+                )
+            };
+            let key = if port.port == 0 {
+                PortKey::Ephemeral(l.name.to_lowercase(), index)
+            } else {
+                PortKey::Fixed(port.port)
+            };
+            planned.push(PlannedPort {
+                key,
+                listener_id: l.id.clone(),
+                listener_name: l.name.clone(),
+                port: port.port,
+                transport,
+                tls,
+                client_ca,
+                fingerprint,
+                policy: PortPolicy {
+                    authn,
+                    authz_enabled: port.authorization_enabled,
+                    engine,
+                },
+            });
+        }
+    }
+    Ok((planned, namespaces))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binding and persisting
+
+/// Writes `content` under the TLS directory, named by its hash (so files of a port still in use
+/// are never overwritten), readable by the owner only.
+fn write_material(dir: &Path, ext: &str, content: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!(
+        "{}.{ext}",
+        &meridian_contract::sha256_hex(content.as_bytes())[..32]
+    ));
+    if !path.exists() {
+        let tmp = path.with_extension(format!("{ext}.tmp"));
+        std::fs::write(&tmp, content)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        }
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
+}
+
+async fn bind(
+    shared: &Shared,
+    p: &PlannedPort,
+    rebind: bool,
+) -> Result<meridian_net::Listener, String> {
+    let at = format!("port {}", p.port);
+    let dir = &shared.live.tls_dir;
+    let io =
+        |e: std::io::Error| format!("{at}: cannot write TLS material to {}: {e}", dir.display());
+    let tls = match &p.tls {
+        None => None,
+        Some(t) => {
+            let (cert, key) = match t {
+                PlannedTls::Manual { cert, key } => (cert.clone(), key.clone()),
+                PlannedTls::Automatic { sans } => {
+                    let ck = rcgen::generate_simple_self_signed(sans.clone())
+                        .map_err(|e| format!("{at}: cannot issue a certificate: {e}"))?;
+                    (ck.cert.pem(), ck.signing_key.serialize_pem())
+                }
+            };
+            let client_ca = if p.client_ca.is_empty() {
+                None
+            } else {
+                Some(write_material(dir, "ca.pem", &p.client_ca).map_err(io)?)
+            };
+            Some(TlsFiles {
+                cert: write_material(dir, "crt.pem", &cert).map_err(io)?,
+                key: write_material(dir, "key.pem", &key).map_err(io)?,
+                client_ca,
+            })
+        }
+    };
+    let host = &shared.cfg.snapshot_listener_host;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let path = if p.transport.is_websocket() {
+        meridian_net::DEFAULT_WS_PATH
+    } else {
+        ""
+    };
+    let url = format!("{}://{host}:{}{path}", p.transport.scheme(), p.port);
+    let spec = ListenerSpec::parse(&url, tls).map_err(|e| format!("{at}: {e}"))?;
+    // A re-bound port was closed a moment ago: give the old accept loop time to let go.
+    let attempts = if rebind { 40 } else { 1 };
+    let mut last = String::new();
+    for _ in 0..attempts {
+        match meridian_net::Listener::bind(&spec).await {
+            Ok(l) => return Ok(l),
+            Err(NetError::AddrInUse { addr }) => {
+                last = format!("{at} cannot be bound: address {addr} is already in use");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => return Err(format!("{at} cannot be opened: {e}")),
+        }
+    }
+    Err(last)
+}
+
+/// Atomic write: temp file, fsync, rename, fsync the directory.
+fn persist(path: &Path, snap: &BrokerSnapshot) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&snap.to_json())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handle the agent and `meridian dev` use
+
+/// A cloneable handle on a running node for applying snapshots and reading its report. It
+/// holds the node weakly: after shutdown, applies are rejected.
+#[derive(Clone)]
+pub struct NodeHandle {
+    pub(crate) shared: Weak<Shared>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle").finish_non_exhaustive()
+    }
+}
+
+impl NodeHandle {
+    /// Applies a snapshot (all or nothing); see [`crate::RunningBroker::apply_snapshot`].
+    pub async fn apply_snapshot(&self, snapshot: BrokerSnapshot) -> Result<Applied, Rejection> {
+        match self.shared.upgrade() {
+            Some(shared) => apply(&shared, snapshot).await,
+            None => Err(reject(snapshot.generation, "", "the node has stopped")),
+        }
+    }
+
+    /// The node's current report (what the agent sends the control plane).
+    pub fn report(&self) -> NodeReport {
+        match self.shared.upgrade() {
+            Some(shared) => report(&shared),
+            None => NodeReport {
+                broker_id: String::new(),
+                endpoint: String::new(),
+                applied_generation: 0,
+                applied_digest: String::new(),
+                health: NodeHealth::Degraded,
+                connected_clients: 0,
+                errors: vec![NodeError {
+                    generation: 0,
+                    resource_id: None,
+                    message: "the node has stopped".into(),
+                }],
+            },
+        }
+    }
+
+    /// The generation the node serves (0 = none).
+    pub fn applied_generation(&self) -> u64 {
+        self.shared
+            .upgrade()
+            .and_then(|s| s.live.state.read().applied.as_ref().map(|a| a.generation))
+            .unwrap_or(0)
+    }
+}
+
+impl SnapshotSink for NodeHandle {
+    fn apply(&self, snapshot: BrokerSnapshot) -> ApplyFuture<'_> {
+        Box::pin(self.apply_snapshot(snapshot))
+    }
+
+    fn report(&self) -> NodeReport {
+        NodeHandle::report(self)
+    }
+}
+
+pub(crate) fn report(shared: &Shared) -> NodeReport {
+    let state = shared.live.state.read().clone();
+    let cp = shared.cfg.control_plane.as_ref();
+    let broker_id = state
+        .applied
+        .as_ref()
+        .map(|a| a.broker_id.clone())
+        .or_else(|| cp.map(|c| c.broker.clone()))
+        .unwrap_or_default();
+    let endpoint = cp
+        .and_then(|c| c.endpoint.clone())
+        .or_else(|| shared.live.admin_addr.get().map(|a| format!("http://{a}")))
+        .unwrap_or_else(|| "in-process".into());
+    NodeReport {
+        broker_id,
+        endpoint,
+        applied_generation: state.applied.as_ref().map_or(0, |a| a.generation),
+        applied_digest: state
+            .applied
+            .as_ref()
+            .map(|a| a.digest.clone())
+            .unwrap_or_default(),
+        health: if *shared.live.degraded.lock() {
+            NodeHealth::Degraded
+        } else {
+            NodeHealth::Healthy
+        },
+        connected_clients: shared.stats.connected.load(Ordering::Relaxed),
+        errors: shared.live.errors.lock().iter().cloned().collect(),
+    }
+}
