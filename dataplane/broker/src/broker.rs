@@ -848,6 +848,17 @@ impl RunningBroker {
         crate::live::report(&self.shared)
     }
 
+    /// Applies the snapshot stored in the data directory by the last successful apply, if any.
+    /// `Broker::start` does this itself for nodes with a control plane; an in-process node
+    /// (`meridian dev`) can call it to serve its last configuration before the control plane
+    /// pushes.
+    pub async fn apply_stored_snapshot(
+        &self,
+    ) -> Option<Result<meridian_contract::Applied, meridian_contract::Rejection>> {
+        let snap = self.shared.live.persisted()?;
+        Some(crate::live::apply(&self.shared, snap).await)
+    }
+
     /// Listener ports opened from applied snapshots (not the CLI/config-file listeners).
     pub fn snapshot_listeners(&self) -> Vec<crate::live::SnapshotListener> {
         self.shared.live.snapshot_listeners()

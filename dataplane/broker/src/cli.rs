@@ -273,6 +273,50 @@ mod tests {
     }
 
     #[test]
+    fn control_plane_flags_build_the_agent_config_and_need_broker_and_token() {
+        let broker = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.IoTOperations/instances/i/brokers/b";
+        let cli = Cli::try_parse_from([
+            "x",
+            "--control-plane",
+            "https://127.0.0.1:8443",
+            "--broker",
+            broker,
+            "--token",
+            "sekrit",
+            "--node-id",
+            "edge-1",
+            "--snapshot-listener-host",
+            "127.0.0.1",
+        ])
+        .unwrap();
+        let cfg = cli.args.into_config().unwrap();
+        assert_eq!(cfg.snapshot_listener_host, "127.0.0.1");
+        let cp = cfg.control_plane.expect("control plane");
+        assert_eq!(cp.url, "https://127.0.0.1:8443");
+        assert_eq!(cp.broker, broker);
+        assert_eq!(cp.token, "sekrit");
+        assert_eq!(cp.node_id.as_deref(), Some("edge-1"));
+        assert!(
+            !format!("{cp:?}").contains("sekrit"),
+            "Debug redacts the token"
+        );
+
+        let no_broker = Cli::try_parse_from(["x", "--control-plane", "https://cp", "--token", "t"])
+            .unwrap()
+            .args
+            .into_config()
+            .unwrap_err();
+        assert!(no_broker.to_string().contains("--broker"), "{no_broker}");
+        let no_token =
+            Cli::try_parse_from(["x", "--control-plane", "https://cp", "--broker", broker])
+                .unwrap()
+                .args
+                .into_config()
+                .unwrap_err();
+        assert!(no_token.to_string().contains("--token"), "{no_token}");
+    }
+
+    #[test]
     fn no_flags_give_the_documented_defaults() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert_eq!(cli.args.into_config().unwrap(), BrokerConfig::default());

@@ -2,7 +2,8 @@
 //! and close, a bad certificate is rejected naming its resource while the previous snapshot keeps
 //! serving, authorization refuses exactly what it forbids (PUBACK 0x87, SUBACK 0x87, CONNACK
 //! 0x87), a policy change disconnects exactly the clients it forbids (1,000 connected, counted),
-//! the stored snapshot comes back after a restart, and the push endpoint checks its token.
+//! the stored snapshot comes back after a restart, the push endpoint checks its token, and the
+//! node reports to its control plane once it is reachable.
 
 mod common;
 
@@ -694,5 +695,88 @@ async fn the_push_endpoint_refuses_a_wrong_token_and_answers_with_the_node_proto
         .unwrap();
     assert_eq!(r.status(), 422);
     assert_eq!(b.report().applied_generation, 1);
+    b.shutdown().await;
+}
+
+/// What the stand-in control plane received: (node id, bearer token, report).
+type Received =
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, meridian_contract::NodeReport)>>>;
+
+/// A minimal control plane speaking the node protocol's report route (the real one lives in
+/// `meridian-api`, which the broker must not depend on; the end-to-end tests use it).
+async fn control_plane_on(listener: tokio::net::TcpListener) -> Received {
+    use axum::extract::{Path, State};
+    let received: Received = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/meridian/nodes/{id}",
+            axum::routing::put(
+                |State(r): State<Received>,
+                 Path(id): Path<String>,
+                 headers: axum::http::HeaderMap,
+                 axum::Json(report): axum::Json<meridian_contract::NodeReport>| async move {
+                    let token = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    r.lock().unwrap().push((id, token, report));
+                    axum::Json(meridian_contract::ReportAnswer {
+                        desired_generation: 0,
+                        report_interval_seconds: 1,
+                    })
+                },
+            ),
+        )
+        .with_state(received.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    received
+}
+
+#[tokio::test]
+async fn the_node_reports_to_its_control_plane_and_resumes_after_an_outage() {
+    // Reserve a port, then leave it closed: the control plane is down when the node starts.
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_addr = probe.local_addr().unwrap();
+    drop(probe);
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = node_cfg(dir.path(), "node-token");
+    c.control_plane.as_mut().unwrap().url = format!("http://{cp_addr}/");
+    let b = meridian_broker::Broker::start(c)
+        .await
+        .expect("starts without its control plane");
+    b.apply_snapshot(snapshot(
+        4,
+        json!([listener("main", None)]),
+        json!([]),
+        json!({}),
+    ))
+    .await
+    .expect("applies while the control plane is down");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let received = control_plane_on(tokio::net::TcpListener::bind(cp_addr).await.unwrap()).await;
+    // Backoff is at most a few seconds this early; then reports come every second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while received.lock().unwrap().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reports reached the control plane"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (node, token, report) = received.lock().unwrap()[1].clone();
+    assert_eq!(node, "test-node");
+    assert_eq!(token, "Bearer node-token");
+    assert_eq!(report.broker_id, BROKER);
+    assert_eq!(
+        report.endpoint,
+        format!("http://{}", b.admin_addr().unwrap())
+    );
+    assert_eq!(report.applied_generation, 4);
+    assert_eq!(report.applied_digest, b.report().applied_digest);
+    assert_eq!(report.health, meridian_contract::NodeHealth::Healthy);
     b.shutdown().await;
 }

@@ -1,0 +1,300 @@
+//! Authentication from applied snapshots, with real clients: inline argon2 credentials (and what a
+//! change of them does to a connected user), and the X509 method on a TLS port whose certificate
+//! and trusted CA come inline in the snapshot, with `authorizationAttributes` feeding the rules.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::PasswordHasher;
+use bytes::BytesMut;
+use common::*;
+use meridian_codec::{Packet, Protocol, QoS};
+use meridian_contract::BrokerSnapshot;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BROKER: &str = "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.IoTOperations/instances/i1/brokers/default";
+
+fn id(kind: &str, name: &str) -> String {
+    format!("{BROKER}/{kind}/{name}")
+}
+
+fn hash(password: &str) -> String {
+    let salt = argon2::password_hash::SaltString::from_b64("c2FsdHNhbHRzYWx0c2FsdA").unwrap();
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+fn snapshot(generation: u64, port: Value, authentications: Value, rules: Value) -> BrokerSnapshot {
+    BrokerSnapshot::from_value(json!({
+        "schemaVersion": 1,
+        "brokerId": BROKER,
+        "generation": generation,
+        "listeners": [{"id": id("listeners", "main"), "name": "main", "ports": [port]}],
+        "authentications": authentications,
+        "authorizations": [{"id": id("authorizations", "authz"), "name": "authz", "rules": rules}],
+    }))
+    .expect("snapshot JSON")
+}
+
+fn main_addr(b: &meridian_broker::RunningBroker) -> SocketAddr {
+    b.snapshot_listeners()[0].addr
+}
+
+/// Rules: a client with attribute floor=F may connect and publish under `floor/F/#`; `bob`
+/// may connect.
+fn floor_rules() -> Value {
+    json!([
+        {"principals": {"attributes": [{"floor": "3"}]},
+         "brokerResources": [{"method": "Connect"},
+                             {"method": "Publish", "topics": ["floor/{principal.attributes.floor}/#"]}]},
+        {"principals": {"usernames": ["bob"]}, "brokerResources": [{"method": "Connect"}]}
+    ])
+}
+
+fn password_port() -> Value {
+    json!({"port": 0, "protocol": "Mqtt",
+           "authenticationEnabled": true, "authenticationRefs": ["passwords"],
+           "authorizationEnabled": true, "authorizationRefs": ["authz"]})
+}
+
+fn passwords(alice: &str) -> Value {
+    json!([{"id": id("authentications", "passwords"), "name": "passwords", "methods": [
+        {"method": "UsernamePassword", "credentials": [
+            {"username": "alice", "passwordHash": hash(alice), "attributes": {"floor": "3"}},
+            {"username": "bob", "passwordHash": hash("bob-pw")}
+        ]}
+    ]}])
+}
+
+fn login(id: &str, user: Option<&str>, password: &str) -> meridian_codec::Connect {
+    let mut c = connect_packet(id, Protocol::V5);
+    c.username = user.map(str::to_owned);
+    c.password = user.map(|_| bytes::Bytes::copy_from_slice(password.as_bytes()));
+    c
+}
+
+async fn publish_qos1(raw: &mut Raw, topic: &str, pid: u16) -> u8 {
+    raw.publish(topic, b"x", QoS::AtLeastOnce, pid).await;
+    loop {
+        match raw.recv().await {
+            Some(Packet::PubAck(a)) if a.packet_id == pid => return a.reason_code.0,
+            Some(_) => continue,
+            None => panic!("no PUBACK for {topic}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn inline_password_credentials_authenticate_and_a_changed_hash_disconnects_that_user() {
+    let (b, _) = start(cfg()).await;
+    b.apply_snapshot(snapshot(
+        1,
+        password_port(),
+        passwords("alice-pw"),
+        floor_rules(),
+    ))
+    .await
+    .expect("applied");
+    let addr = main_addr(&b);
+
+    let (_, ack) = Raw::connect_with(addr, login("a2", Some("alice"), "wrong")).await;
+    assert_eq!(ack.reason_code.0, 0x86, "bad password");
+    let (_, ack) = Raw::connect_with(addr, login("anon", None, "")).await;
+    assert_eq!(ack.reason_code.0, 0x87, "no credentials");
+    let (_, ack) = Raw::connect_with(addr, login("m", Some("mallory"), "x")).await;
+    assert_eq!(ack.reason_code.0, 0x86, "unknown user");
+
+    let (mut alice, ack) = Raw::connect_with(addr, login("a1", Some("alice"), "alice-pw")).await;
+    assert_eq!(ack.reason_code.0, 0);
+    // Her credential's attributes reach the rules: floor 3 only.
+    assert_eq!(publish_qos1(&mut alice, "floor/3/t", 1).await, 0x10);
+    assert_eq!(publish_qos1(&mut alice, "floor/4/t", 2).await, 0x87);
+    let (mut bob, ack) = Raw::connect_with(addr, login("b1", Some("bob"), "bob-pw")).await;
+    assert_eq!(ack.reason_code.0, 0);
+
+    // Alice's password changes: she is disconnected, Bob is not.
+    b.apply_snapshot(snapshot(
+        2,
+        password_port(),
+        passwords("new-pw"),
+        floor_rules(),
+    ))
+    .await
+    .expect("applied");
+    match alice.recv().await {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code.0, 0x87);
+            let why = d.properties.reason_string.unwrap_or_default();
+            assert!(why.contains("alice"), "{why}");
+        }
+        other => panic!("expected DISCONNECT 0x87, got {other:?}"),
+    }
+    assert!(bob.ping().await);
+    let (_, ack) = Raw::connect_with(addr, login("a1", Some("alice"), "new-pw")).await;
+    assert_eq!(ack.reason_code.0, 0, "the new password works");
+    b.shutdown().await;
+}
+
+/// A CA and a client certificate it signed (CN `cn`): (CA PEM, client chain DER, client key).
+fn client_pki(
+    cn: &str,
+) -> (
+    String,
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    KeyPair,
+) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Test Devices CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name.push(DnType::CommonName, cn);
+    let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
+    (
+        ca_cert.pem(),
+        vec![leaf_cert.der().clone(), ca_cert.der().clone()],
+        key,
+    )
+}
+
+/// MQTT over TLS: CONNECT then read packets.
+struct TlsRaw {
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: BytesMut,
+}
+
+impl TlsRaw {
+    async fn open(
+        addr: SocketAddr,
+        server_ca: &rustls_pki_types::CertificateDer<'static>,
+        client: Option<(&[rustls_pki_types::CertificateDer<'static>], &KeyPair)>,
+    ) -> std::io::Result<TlsRaw> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(server_ca.clone()).unwrap();
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let config = match client {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(
+                    chain.to_vec(),
+                    rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await?;
+        Ok(TlsRaw {
+            tls,
+            buf: BytesMut::new(),
+        })
+    }
+
+    async fn send(&mut self, p: Packet) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        meridian_codec::encode(&p, Protocol::V5, &mut out).unwrap();
+        self.tls.write_all(&out).await
+    }
+
+    async fn recv(&mut self) -> Option<Packet> {
+        let opts = meridian_codec::DecodeOptions {
+            version: Some(Protocol::V5),
+            ..Default::default()
+        };
+        loop {
+            if let Ok(Some(p)) = meridian_codec::decode(&mut self.buf, &opts) {
+                return Some(p);
+            }
+            match tokio::time::timeout(WAIT, self.tls.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn x509_method_on_a_tls_port_maps_certificate_subjects_to_attributes() {
+    meridian_net::install_crypto_provider();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (ca_pem, chain, key) = client_pki("thermostat-1");
+    let (_, stranger_chain, stranger_key) = client_pki("thermostat-1");
+    let port = json!({"port": 0, "protocol": "Mqtt",
+        "tls": {"certificate": {"mode": "Manual",
+                                "certificatePem": server.cert.pem(),
+                                "privateKeyPem": server.signing_key.serialize_pem()}},
+        "authenticationEnabled": true, "authenticationRefs": ["certs"],
+        "authorizationEnabled": true, "authorizationRefs": ["authz"]});
+    let authn = json!([{"id": id("authentications", "certs"), "name": "certs", "methods": [
+        {"method": "X509", "trustedCaPem": ca_pem,
+         "authorizationAttributes": {"thermostats": {"subject": "CN = thermostat-1",
+                                                     "attributes": {"floor": "3"}}}}
+    ]}]);
+    let (b, _) = start(cfg()).await;
+    b.apply_snapshot(snapshot(1, port, authn, floor_rules()))
+        .await
+        .expect("applied");
+    let listener = &b.snapshot_listeners()[0];
+    assert_eq!(listener.transport, meridian_broker::Transport::Tls);
+    let addr = listener.addr;
+
+    let mut c = TlsRaw::open(addr, server.cert.der(), Some((&chain, &key)))
+        .await
+        .expect("mutual TLS handshake");
+    c.send(Packet::Connect(Box::new(connect_packet(
+        "t1",
+        Protocol::V5,
+    ))))
+    .await
+    .unwrap();
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code.0 == 0));
+    for (pid, topic, want) in [(1, "floor/3/temp", 0x10), (2, "floor/4/temp", 0x87)] {
+        c.send(Packet::Publish(meridian_codec::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: pid,
+            payload: bytes::Bytes::from_static(b"21.5"),
+            properties: Default::default(),
+        }))
+        .await
+        .unwrap();
+        match c.recv().await {
+            Some(Packet::PubAck(a)) => assert_eq!(a.reason_code.0, want, "{topic}"),
+            other => panic!("expected PUBACK for {topic}, got {other:?}"),
+        }
+    }
+
+    // A certificate from another CA, or none, never gets an MQTT session.
+    for client in [Some((&stranger_chain[..], &stranger_key)), None] {
+        let refused = match TlsRaw::open(addr, server.cert.der(), client).await {
+            Err(_) => true,
+            Ok(mut t) => {
+                // TLS 1.3 reports a refused client certificate after the handshake.
+                let _ = t
+                    .send(Packet::Connect(Box::new(connect_packet("x", Protocol::V5))))
+                    .await;
+                tokio::time::timeout(Duration::from_secs(5), t.recv())
+                    .await
+                    .unwrap_or(None)
+                    .is_none()
+            }
+        };
+        assert!(refused, "client certificate required and verified");
+    }
+    b.shutdown().await;
+}
