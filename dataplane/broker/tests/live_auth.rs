@@ -1,6 +1,7 @@
 //! Authentication from applied snapshots, with real clients: inline argon2 credentials (and what a
 //! change of them does to a connected user), and the X509 method on a TLS port whose certificate
-//! and trusted CA come inline in the snapshot, with `authorizationAttributes` feeding the rules.
+//! and trusted CA come inline in the snapshot, with `authorizationAttributes` feeding the rules;
+//! Event Grid namespace clients reaching their namespace by TLS SNI.
 
 mod common;
 
@@ -150,22 +151,41 @@ fn client_pki(
     Vec<rustls_pki_types::CertificateDer<'static>>,
     KeyPair,
 ) {
+    let (ca_pem, issuer, ca_der) = devices_ca();
+    let (chain, key) = leaf_of(&issuer, &ca_der, cn);
+    (ca_pem, chain, key)
+}
+
+type DevicesCa = (
+    String,
+    Issuer<'static, KeyPair>,
+    rustls_pki_types::CertificateDer<'static>,
+);
+
+fn devices_ca() -> DevicesCa {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name
         .push(DnType::CommonName, "Test Devices CA");
     let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
+    (
+        ca_cert.pem(),
+        Issuer::new(ca, ca_key),
+        ca_cert.der().clone(),
+    )
+}
+
+fn leaf_of(
+    issuer: &Issuer<'static, KeyPair>,
+    ca_der: &rustls_pki_types::CertificateDer<'static>,
+    cn: &str,
+) -> (Vec<rustls_pki_types::CertificateDer<'static>>, KeyPair) {
     let key = KeyPair::generate().unwrap();
     let mut leaf = CertificateParams::default();
     leaf.distinguished_name.push(DnType::CommonName, cn);
-    let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
-    (
-        ca_cert.pem(),
-        vec![leaf_cert.der().clone(), ca_cert.der().clone()],
-        key,
-    )
+    let leaf_cert = leaf.signed_by(&key, issuer).unwrap();
+    (vec![leaf_cert.der().clone(), ca_der.clone()], key)
 }
 
 /// MQTT over TLS: CONNECT then read packets.
@@ -176,6 +196,16 @@ struct TlsRaw {
 
 impl TlsRaw {
     async fn open(
+        addr: SocketAddr,
+        server_ca: &rustls_pki_types::CertificateDer<'static>,
+        client: Option<(&[rustls_pki_types::CertificateDer<'static>], &KeyPair)>,
+    ) -> std::io::Result<TlsRaw> {
+        TlsRaw::open_as("localhost", addr, server_ca, client).await
+    }
+
+    /// [`TlsRaw::open`] with `sni` as the server name (Event Grid clients name their namespace).
+    async fn open_as(
+        sni: &str,
         addr: SocketAddr,
         server_ca: &rustls_pki_types::CertificateDer<'static>,
         client: Option<(&[rustls_pki_types::CertificateDer<'static>], &KeyPair)>,
@@ -193,7 +223,7 @@ impl TlsRaw {
             None => builder.with_no_client_auth(),
         };
         let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await?;
@@ -296,5 +326,85 @@ async fn x509_method_on_a_tls_port_maps_certificate_subjects_to_attributes() {
         };
         assert!(refused, "client certificate required and verified");
     }
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn event_grid_clients_reach_their_namespace_by_sni_and_are_judged_by_its_bindings() {
+    meridian_net::install_crypto_provider();
+    let server = rcgen::generate_simple_self_signed(vec!["ns1.example.com".to_string()]).unwrap();
+    let (ca_pem, issuer, ca_der) = devices_ca();
+    let (dev1, dev1_key) = leaf_of(&issuer, &ca_der, "dev1");
+    let (dev2, dev2_key) = leaf_of(&issuer, &ca_der, "dev2");
+    let ns = "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.EventGrid/namespaces/ns1";
+    let snap = BrokerSnapshot::from_value(json!({
+        "schemaVersion": 1, "brokerId": BROKER, "generation": 1,
+        "listeners": [{"id": id("listeners", "eg"), "name": "eg", "ports": [{
+            "port": 0, "protocol": "Mqtt",
+            "tls": {"certificate": {"mode": "Manual", "certificatePem": server.cert.pem(),
+                                    "privateKeyPem": server.signing_key.serialize_pem()}},
+            "authenticationEnabled": true}]}],
+        "namespaces": [{
+            "id": ns, "name": "ns1", "topicSpacesEnabled": true,
+            "clients": [
+                {"id": format!("{ns}/clients/dev1"), "name": "dev1", "authenticationName": "dev1"},
+                {"id": format!("{ns}/clients/dev2"), "name": "dev2", "authenticationName": "dev2",
+                 "state": "Disabled"}
+            ],
+            "topicSpaces": [{"id": format!("{ns}/topicSpaces/own"), "name": "own",
+                             "topicTemplates": ["devices/${client.authenticationName}/#"]}],
+            "permissionBindings": [{"id": format!("{ns}/permissionBindings/pub"), "name": "pub",
+                                    "clientGroupName": "$all", "topicSpaceName": "own",
+                                    "permission": "Publisher"}],
+            "caCertificates": [{"id": format!("{ns}/caCertificates/devices"), "name": "devices",
+                                "encodedCertificate": ca_pem}]
+        }]
+    }))
+    .unwrap();
+    let (b, _) = start(cfg()).await;
+    b.apply_snapshot(snap).await.expect("applied");
+    let addr = main_addr(&b);
+    let server_ca = server.cert.der();
+
+    let connect_as = |user: &str| {
+        let mut c = connect_packet(user, Protocol::V5);
+        c.username = Some(user.to_owned());
+        Packet::Connect(Box::new(c))
+    };
+    let mut c = TlsRaw::open_as("ns1.example.com", addr, server_ca, Some((&dev1, &dev1_key)))
+        .await
+        .expect("handshake");
+    c.send(connect_as("dev1")).await.unwrap();
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code.0 == 0));
+    for (pid, topic, want) in [(1, "devices/dev1/t", 0x10), (2, "devices/dev2/t", 0x87)] {
+        c.send(Packet::Publish(meridian_codec::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: pid,
+            payload: bytes::Bytes::from_static(b"1"),
+            properties: Default::default(),
+        }))
+        .await
+        .unwrap();
+        match c.recv().await {
+            Some(Packet::PubAck(a)) => assert_eq!(a.reason_code.0, want, "{topic}"),
+            other => panic!("expected PUBACK for {topic}, got {other:?}"),
+        }
+    }
+
+    // dev2's certificate claiming to be dev1: the subject must match the authentication name.
+    let mut c = TlsRaw::open_as("ns1.example.com", addr, server_ca, Some((&dev2, &dev2_key)))
+        .await
+        .expect("handshake");
+    c.send(connect_as("dev1")).await.unwrap();
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code.0 == 0x86));
+    // dev2 as itself: a disabled client.
+    let mut c = TlsRaw::open_as("ns1.example.com", addr, server_ca, Some((&dev2, &dev2_key)))
+        .await
+        .expect("handshake");
+    c.send(connect_as("dev2")).await.unwrap();
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code.0 == 0x87));
     b.shutdown().await;
 }
