@@ -780,3 +780,52 @@ async fn the_node_reports_to_its_control_plane_and_resumes_after_an_outage() {
     assert_eq!(report.health, meridian_contract::NodeHealth::Healthy);
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_port_that_cannot_be_bound_rejects_the_whole_snapshot_naming_its_listener() {
+    let (b, _) = start(cfg()).await;
+    b.apply_snapshot(snapshot(
+        1,
+        json!([listener("main", None)]),
+        json!([]),
+        json!({}),
+    ))
+    .await
+    .expect("applied");
+    let main = snapshot_addr(&b, "main");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let busy = json!({"id": id("listeners", "busy"), "name": "busy",
+                      "ports": [{"port": port, "protocol": "Mqtt"}]});
+    // Generation 2 would add a free port and a taken one, and drop "main".
+    let rejection = b
+        .apply_snapshot(snapshot(
+            2,
+            json!([listener("fresh", None), busy]),
+            json!([]),
+            json!({}),
+        ))
+        .await
+        .expect_err("rejected");
+    assert_eq!(
+        rejection.resource_id.as_deref(),
+        Some(id("listeners", "busy").as_str())
+    );
+    assert!(
+        rejection.message.contains(&port.to_string()),
+        "{}",
+        rejection.message
+    );
+    // All or nothing: "fresh" was not left open, "main" still serves.
+    let names: Vec<String> = b
+        .snapshot_listeners()
+        .into_iter()
+        .map(|l| l.listener_name)
+        .collect();
+    assert_eq!(names, vec!["main".to_string()]);
+    let mut raw = Raw::connect(main, "still-here", Protocol::V5).await;
+    assert!(raw.ping().await);
+    assert_eq!(b.report().applied_generation, 1);
+    drop(taken);
+    b.shutdown().await;
+}

@@ -15,6 +15,7 @@ use common::*;
 use meridian_codec::{Packet, Protocol, QoS};
 use meridian_contract::BrokerSnapshot;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -406,5 +407,47 @@ async fn event_grid_clients_reach_their_namespace_by_sni_and_are_judged_by_its_b
         .expect("handshake");
     c.send(connect_as("dev2")).await.unwrap();
     assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code.0 == 0x87));
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn automatic_tls_ports_serve_a_certificate_for_their_sans_and_reload_it_unchanged() {
+    meridian_net::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg();
+    c.data_dir = Some(dir.path().to_path_buf());
+    let (b, _) = start(c).await;
+    let port = json!({"port": 0, "protocol": "Mqtt",
+        "tls": {"certificate": {"mode": "Automatic", "san": {"dns": ["localhost"], "ip": []}}}});
+    let snap = |generation| {
+        BrokerSnapshot::from_value(json!({
+            "schemaVersion": 1, "brokerId": BROKER, "generation": generation,
+            "listeners": [{"id": id("listeners", "tls"), "name": "tls", "ports": [port.clone()]}],
+        }))
+        .unwrap()
+    };
+    b.apply_snapshot(snap(1)).await.expect("applied");
+    let addr = main_addr(&b);
+    // The node issued its certificate into DATA_DIR/tls; a client trusting it connects.
+    let cert_file = std::fs::read_dir(dir.path().join("tls"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".crt.pem"))
+        .expect("certificate written");
+    let der = rustls_pki_types::CertificateDer::from_pem_file(&cert_file).unwrap();
+    let mut t = TlsRaw::open(addr, &der, None).await.expect("TLS handshake");
+    t.send(Packet::Connect(Box::new(connect_packet(
+        "auto",
+        Protocol::V5,
+    ))))
+    .await
+    .unwrap();
+    assert!(matches!(t.recv().await, Some(Packet::ConnAck(a)) if a.reason_code.0 == 0));
+    // The same port in the next generation keeps its socket and its clients.
+    b.apply_snapshot(snap(2)).await.expect("applied");
+    assert_eq!(main_addr(&b), addr);
+    t.send(Packet::PingReq).await.unwrap();
+    assert_eq!(t.recv().await, Some(Packet::PingResp));
     b.shutdown().await;
 }
