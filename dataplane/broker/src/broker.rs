@@ -923,6 +923,7 @@ impl RunningBroker {
         {
             tracing::error!("store flush on shutdown failed: {e}");
         }
+        self.shared.live.cleanup();
         // Sessions reference no `Shared`, so dropping the last `Arc` here closes the store.
         self.shared.sessions.lock().clear();
         *self.shared.router.write() = Router::new();

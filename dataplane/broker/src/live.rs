@@ -258,6 +258,8 @@ struct OpenPort {
     fingerprint: String,
     info: SnapshotListener,
     cancel: CancellationToken,
+    /// TLS material files the port uses (kept when unused ones are pruned).
+    files: Vec<PathBuf>,
 }
 
 /// A listener port opened from a snapshot, as tests and the CLI see it.
@@ -289,6 +291,8 @@ pub(crate) struct Live {
     snapshot_path: Option<PathBuf>,
     /// Where inline TLS material is written for the listeners.
     tls_dir: PathBuf,
+    /// `tls_dir` is a temporary directory (no data dir): removed at shutdown.
+    tls_dir_is_temp: bool,
     /// The admin endpoint's bound address (the default push endpoint).
     pub(crate) admin_addr: OnceLock<SocketAddr>,
 }
@@ -312,6 +316,7 @@ impl Live {
             next_slot: AtomicU32::new(1),
             snapshot_path: cfg.data_dir.as_ref().map(|d| d.join(SNAPSHOT_FILE)),
             tls_dir,
+            tls_dir_is_temp: cfg.data_dir.is_none(),
             admin_addr: OnceLock::new(),
         }
     }
@@ -333,6 +338,13 @@ impl Live {
                 tracing::warn!(path = %path.display(), "ignoring the stored snapshot: {e}");
                 None
             }
+        }
+    }
+
+    /// At shutdown: a temporary TLS directory (and the private keys in it) goes away.
+    pub(crate) fn cleanup(&self) {
+        if self.tls_dir_is_temp && self.tls_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.tls_dir);
         }
     }
 
@@ -715,6 +727,19 @@ async fn apply_locked(
             addr: listener.local_addr(),
         };
         tracing::info!(listener = info.listener_name, port, addr = %info.addr, transport = transport.scheme(), "listener opened");
+        let files = listener
+            .spec()
+            .tls
+            .iter()
+            .flat_map(|t| {
+                [
+                    Some(t.cert.clone()),
+                    Some(t.key.clone()),
+                    t.client_ca.clone(),
+                ]
+            })
+            .flatten()
+            .collect();
         start_accepting(shared, listener, slots[i], cancel.clone());
         open.insert(
             key,
@@ -723,9 +748,13 @@ async fn apply_locked(
                 fingerprint,
                 info,
                 cancel,
+                files,
             },
         );
     }
+    // Private keys of ports that are gone (or re-issued) do not stay on disk.
+    let keep: std::collections::HashSet<&PathBuf> = open.values().flat_map(|o| &o.files).collect();
+    prune_material(&shared.live.tls_dir, &keep);
     let mut infos: Vec<SnapshotListener> = open.values().map(|o| o.info.clone()).collect();
     infos.sort_by(|a, b| (&a.listener_name, a.port).cmp(&(&b.listener_name, b.port)));
     *shared.live.listeners.lock() = infos;
@@ -1470,6 +1499,26 @@ async fn bind(
         }
     }
     Err(last)
+}
+
+/// Deletes TLS material files under `dir` that no open port uses.
+fn prune_material(dir: &Path, keep: &std::collections::HashSet<&PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".pem") || n.ends_with(".pem.tmp"));
+        if ours
+            && !keep.contains(&path)
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            tracing::debug!(path = %path.display(), "cannot remove unused TLS material: {e}");
+        }
+    }
 }
 
 /// Atomic write: temp file, fsync, rename, fsync the directory.

@@ -411,7 +411,8 @@ async fn event_grid_clients_reach_their_namespace_by_sni_and_are_judged_by_its_b
 }
 
 #[tokio::test]
-async fn automatic_tls_ports_serve_a_certificate_for_their_sans_and_reload_it_unchanged() {
+async fn automatic_tls_ports_serve_a_certificate_for_their_sans_keep_it_and_remove_it_with_the_port()
+ {
     meridian_net::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let mut c = cfg();
@@ -449,5 +450,16 @@ async fn automatic_tls_ports_serve_a_certificate_for_their_sans_and_reload_it_un
     assert_eq!(main_addr(&b), addr);
     t.send(Packet::PingReq).await.unwrap();
     assert_eq!(t.recv().await, Some(Packet::PingResp));
+    // Without the port, its private key does not stay on disk.
+    let none = BrokerSnapshot::from_value(json!({
+        "schemaVersion": 1, "brokerId": BROKER, "generation": 3}))
+    .unwrap();
+    b.apply_snapshot(none).await.expect("applied");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("tls"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "TLS material left behind: {left:?}");
     b.shutdown().await;
 }
