@@ -10,7 +10,7 @@
 //!   422 rejection ("upgrade the node"), not a 400, so the control plane marks it `Failed`
 //!   instead of retrying forever.
 //! - **Report loop.** `PUT {cp}/meridian/nodes/{nodeId}` with a [`NodeReport`] on start
-//!   (registration) and then every `reportIntervalSeconds` of the answer. While the control plane is unreachable (or refuses the report) the loop retries
+//!   (registration) and then every `reportIntervalSeconds` of the answer (2 s if it says 0). While the control plane is unreachable (or refuses the report) the loop retries
 //!   with exponential backoff from 0.5 s, capped at 30 s, each delay jittered to 50–100 % so a
 //!   fleet does not retry in step. Failures are logged at the first attempt and then at powers
 //!   of two; the token is never logged.
@@ -36,6 +36,8 @@ use crate::live::NodeHandle;
 
 /// Largest snapshot accepted on `PUT /v1/snapshot`.
 const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+/// Report interval when the answer names none (0).
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(2);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,8 +162,10 @@ impl Agent {
                             "the control plane is reachable again");
                     }
                     failures = 0;
-                    let interval =
-                        Duration::from_secs(answer.report_interval_seconds.clamp(1, 3600));
+                    let interval = match answer.report_interval_seconds {
+                        0 => DEFAULT_REPORT_INTERVAL,
+                        n => Duration::from_secs(n.min(3600)),
+                    };
                     if answer.desired_generation > report.applied_generation {
                         tracing::debug!(
                             desired = answer.desired_generation,

@@ -20,7 +20,10 @@
 //! (`reason_code` instead of `qos` when refused), `unsubscribed` `{client_id, filter}`,
 //! `session_expired` `{client_id}`, `message_dropped` `{client_id, topic, reason}` with reason one
 //! of `queue_full`, `expired`, `packet_too_large`, `offline_qos0`, `slow_consumer`,
-//! `not_authorized`.
+//! `not_authorized`. Live configuration adds `snapshot_applied`
+//! `{generation, digest, listeners, revoked, closed}` and `policy_revoked`
+//! `{client_id, reason_code, reason, generation}` (a connected client the new snapshot forbids) or
+//! `{client_id, filter, reason}` (a subscription removed from a resumed session).
 //!
 //! The same counters are exported as Prometheus metrics (`meridian_*`) through a per-node
 //! recorder, so several nodes in one process (tests) never share a global recorder.
