@@ -157,6 +157,9 @@ pub(crate) struct SessionInner {
     pub(crate) session: Session,
     pub(crate) conn: Option<Arc<ConnOut>>,
     pub(crate) generation: u64,
+    /// The authorization context of the last connection from a snapshot listener, kept while
+    /// the session is offline so a policy change can prune its subscriptions.
+    pub(crate) last_guard: Option<Arc<crate::live::Guard>>,
 }
 
 /// One session, shared between its connection task and every publisher that delivers to it.
@@ -239,6 +242,7 @@ impl Shared {
                 ),
                 conn: None,
                 generation: 0,
+                last_guard: None,
             }),
         })
     }

@@ -311,6 +311,7 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         let mut inner = handle.inner.lock();
         if inner.generation == generation {
             inner.conn = Some(out.clone());
+            inner.last_guard = out.guard.clone();
             handle.online.store(true, Ordering::Relaxed);
             inner
                 .session

@@ -815,6 +815,21 @@ fn enforce(
         let verdict = {
             let inner = h.inner.lock();
             let Some(out) = inner.conn.clone() else {
+                // An offline persistent session: stop queueing what its client may no longer
+                // read (it cannot be told; it finds out from the events or on resubscribing).
+                let last = inner.last_guard.clone();
+                drop(inner);
+                if let Some(g) = last
+                    && let Some(port) = state.ports.get(&g.slot)
+                {
+                    prune_subscriptions(
+                        shared,
+                        &h,
+                        port,
+                        &g,
+                        "subscription of an offline session is no longer authorized; removed",
+                    );
+                }
                 continue;
             };
             let Some(guard) = out.guard.clone() else {
@@ -878,6 +893,28 @@ pub(crate) fn after_attach(shared: &Shared, handle: &Arc<crate::broker::SessionH
         out.kick(ReasonCode::SERVER_SHUTTING_DOWN.0);
         return;
     };
+    prune_subscriptions(
+        shared,
+        handle,
+        port,
+        &guard,
+        "subscription of the resumed session is not authorized; removed",
+    );
+    if let Err(why) = port.recheck(&guard, std::iter::empty()) {
+        guard.revoke(why);
+        out.kick(ReasonCode::NOT_AUTHORIZED.0);
+    }
+}
+
+/// Removes the subscriptions of `handle` that `port` no longer allows `guard`'s principal, each
+/// with a `policy_revoked` event `{client_id, filter, reason}`, and stores the session.
+fn prune_subscriptions(
+    shared: &Shared,
+    handle: &Arc<crate::broker::SessionHandle>,
+    port: &PortPolicy,
+    guard: &Guard,
+    reason: &str,
+) {
     let forbidden: Vec<String> = {
         let inner = handle.inner.lock();
         inner
@@ -888,24 +925,20 @@ pub(crate) fn after_attach(shared: &Shared, handle: &Arc<crate::broker::SessionH
             .cloned()
             .collect()
     };
-    if !forbidden.is_empty() {
-        let key = crate::broker::SessionKey(handle.clone());
-        for f in &forbidden {
-            handle.inner.lock().session.subscriptions.remove(f);
-            shared.router.write().unsubscribe(&key, f);
-            shared.event(
-                "policy_revoked",
-                serde_json::json!({"client_id": &*handle.client_id, "filter": f,
-                    "reason": "subscription of the resumed session is not authorized; removed"}),
-            );
-        }
-        if let Some(c) = shared.persist_session(handle) {
-            drop(c);
-        }
+    if forbidden.is_empty() {
+        return;
     }
-    if let Err(why) = port.recheck(&guard, std::iter::empty()) {
-        guard.revoke(why);
-        out.kick(ReasonCode::NOT_AUTHORIZED.0);
+    let key = crate::broker::SessionKey(handle.clone());
+    for f in &forbidden {
+        handle.inner.lock().session.subscriptions.remove(f);
+        shared.router.write().unsubscribe(&key, f);
+        shared.event(
+            "policy_revoked",
+            serde_json::json!({"client_id": &*handle.client_id, "filter": f, "reason": reason}),
+        );
+    }
+    if let Some(c) = shared.persist_session(handle) {
+        drop(c);
     }
 }
 

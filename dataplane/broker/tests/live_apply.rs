@@ -835,3 +835,82 @@ async fn a_port_that_cannot_be_bound_rejects_the_whole_snapshot_naming_its_liste
     drop(taken);
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_offline_session_loses_the_subscriptions_a_new_policy_forbids() {
+    let (b, cli) = start(cfg()).await;
+    let rules = |sub: &str| {
+        authorization(
+            "authz",
+            json!([{
+                "principals": {"clientIds": ["sleeper", "pub"]},
+                "brokerResources": [{"method": "Connect"},
+                                    {"method": "Publish", "topics": ["a/#"]},
+                                    {"method": "Subscribe", "topics": [sub]}]
+            }]),
+        )
+    };
+    b.apply_snapshot(snapshot(
+        1,
+        json!([listener("main", Some("authz"))]),
+        json!([rules("a/#")]),
+        json!({}),
+    ))
+    .await
+    .expect("applied");
+    let addr = snapshot_addr(&b, "main");
+    let persistent = || {
+        let mut c = connect_packet("sleeper", Protocol::V5);
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(300);
+        c
+    };
+    let (mut sleeper, ack) = Raw::connect_with(addr, persistent()).await;
+    assert_eq!(ack.reason_code.0, 0);
+    assert_eq!(sleeper.subscribe("a/#", QoS::AtLeastOnce).await, vec![1]);
+    sleeper
+        .send(Packet::Disconnect(meridian_codec::Disconnect::default()))
+        .await;
+    assert!(sleeper.closed().await);
+    let mut events = Raw::connect(cli, "events", Protocol::V5).await;
+    assert_eq!(
+        events
+            .subscribe("$SYS/events/policy_revoked", QoS::AtMostOnce)
+            .await,
+        vec![0]
+    );
+
+    b.apply_snapshot(snapshot(
+        2,
+        json!([listener("main", Some("authz"))]),
+        json!([rules("a/b/#")]),
+        json!({}),
+    ))
+    .await
+    .expect("applied");
+    let event = events.recv_publish().await.expect("policy_revoked event");
+    let body: Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(
+        (body["client_id"].as_str(), body["filter"].as_str()),
+        (Some("sleeper"), Some("a/#"))
+    );
+
+    // Nothing is queued for it any more: the publisher hears "no matching subscribers".
+    let mut publisher = Raw::connect(addr, "pub", Protocol::V5).await;
+    publisher
+        .publish("a/x", b"secret", QoS::AtLeastOnce, 1)
+        .await;
+    match publisher.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.reason_code.0, 0x10),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    let (mut sleeper, ack) = Raw::connect_with(addr, persistent()).await;
+    assert!(ack.session_present);
+    sleeper.send(Packet::PingReq).await;
+    assert_eq!(
+        sleeper.recv().await,
+        Some(Packet::PingResp),
+        "no message was kept for it"
+    );
+    b.shutdown().await;
+}
