@@ -77,11 +77,21 @@ pub(crate) enum Credential {
     /// The port had authentication disabled.
     Open,
     /// Username and password, verified against this PHC hash.
-    Password { username: String, hash: Arc<str> },
+    Password { username: String, hash: Phc },
     /// A client certificate accepted by an X509 method.
     Certificate,
     /// An Event Grid namespace client (certificate checked against the registry).
     Namespace,
+}
+
+/// An argon2 PHC string; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Phc(Arc<str>);
+
+impl std::fmt::Debug for Phc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// The authorization context of one connection accepted on a snapshot port.
@@ -168,7 +178,7 @@ impl PortPolicy {
                 Credential::Password { username, hash } => {
                     // Verified against the node's password file (empty hash): valid while the
                     // port still falls back to it. Inline: the same hash must still be there.
-                    let still = if hash.is_empty() {
+                    let still = if hash.0.is_empty() {
                         a.node_password_file
                     } else {
                         a.passwords.get(username).is_some_and(|e| e.hash == *hash)
@@ -214,7 +224,7 @@ struct Authn {
 
 #[derive(Debug)]
 struct PasswordEntry {
-    hash: Arc<str>,
+    hash: Phc,
     attributes: BTreeMap<String, String>,
 }
 
@@ -459,7 +469,7 @@ async fn authenticate(
     };
     let password = connect.password.as_deref().unwrap_or_default().to_vec();
     if let Some(entry) = authn.passwords.get(username) {
-        if crate::auth::verify_phc(entry.hash.to_string(), password).await {
+        if crate::auth::verify_phc(entry.hash.0.to_string(), password).await {
             principal.attributes = entry.attributes.clone();
             return Ok(Credential::Password {
                 username: username.clone(),
@@ -474,7 +484,7 @@ async fn authenticate(
     {
         return Ok(Credential::Password {
             username: username.clone(),
-            hash: Arc::from(""),
+            hash: Phc(Arc::from("")),
         });
     }
     Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
@@ -993,7 +1003,7 @@ fn authn_parts(a: &meridian_contract::AuthenticationPolicy) -> Result<AuthnParts
                     parts.passwords.push((
                         c.username.clone(),
                         PasswordEntry {
-                            hash: Arc::from(c.password_hash.as_str()),
+                            hash: Phc(Arc::from(c.password_hash.as_str())),
                             attributes: c.attributes.clone(),
                         },
                     ));
