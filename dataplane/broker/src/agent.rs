@@ -179,10 +179,16 @@ impl Agent {
                     failures = failures.saturating_add(1);
                     let delay = backoff(failures);
                     if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(%url, attempt = failures,
-                            retry_in_ms = delay.as_millis() as u64, "report failed: {e}");
+                        tracing::warn!(
+                            attempt = failures,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "report to the control plane failed: {e}"
+                        );
                     } else {
-                        tracing::debug!(%url, attempt = failures, "report failed: {e}");
+                        tracing::debug!(
+                            attempt = failures,
+                            "report to the control plane failed: {e}"
+                        );
                     }
                     delay
                 }
@@ -202,18 +208,32 @@ impl Agent {
             .json(report)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| error_chain(&e))?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             let snippet: String = body.chars().take(300).collect();
-            return Err(format!("HTTP {status}: {snippet}"));
+            return Err(format!("{url}: HTTP {status}: {snippet}"));
         }
-        response
-            .json::<ReportAnswer>()
-            .await
-            .map_err(|e| format!("answer is not a report answer: {e}"))
+        response.json::<ReportAnswer>().await.map_err(|e| {
+            format!(
+                "{url}: the answer is not a report answer: {}",
+                error_chain(&e)
+            )
+        })
     }
+}
+
+/// An error with its causes (`reqwest` keeps "connection refused" in the source chain).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Delay before retry `failures` (1-based): 0.5 s doubling, capped at 30 s, jittered to 50–100 %.
@@ -347,6 +367,24 @@ mod tests {
         }
         assert!(backoff(30) <= BACKOFF_MAX);
         assert!(backoff(30) >= BACKOFF_MAX / 2);
+    }
+
+    #[test]
+    fn error_chain_keeps_the_cause() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::other("connection refused"));
+        assert_eq!(error_chain(&e), "error sending request: connection refused");
     }
 
     #[test]
