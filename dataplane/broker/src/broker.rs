@@ -65,6 +65,9 @@ pub(crate) struct ConnOut {
     waker: AtomicWaker,
     /// Something was queued or a kick was set since the connection last looked.
     signalled: AtomicBool,
+    /// The connection is in the middle of writing a buffer: new output needs no wake-up (it is
+    /// picked up when the write completes), so publishers do not keep re-polling a busy writer.
+    pub(crate) writing: AtomicBool,
     /// Set (with [`ConnOut::kick`]) to make the connection send DISCONNECT with this code and
     /// close; 0 = not kicked. The kick wakes the connection like new output does.
     pub(crate) kick_reason: AtomicU8,
@@ -95,6 +98,7 @@ impl ConnOut {
             buf: Mutex::new(BytesMut::new()),
             waker: AtomicWaker::new(),
             signalled: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
             kick_reason: AtomicU8::new(0),
             pressured: AtomicU8::new(0),
             drained,
@@ -103,10 +107,13 @@ impl ConnOut {
         }
     }
 
-    /// Wake the connection task: output was queued or a kick was set.
+    /// Wake the connection task: output was queued. (SeqCst pairs with the connection clearing
+    /// `writing` before it looks at the buffer again: one of the two sees the other.)
     pub(crate) fn wake(&self) {
-        self.signalled.store(true, Ordering::Release);
-        self.waker.wake();
+        self.signalled.store(true, Ordering::SeqCst);
+        if !self.writing.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
     }
 
     /// Resolves once [`ConnOut::wake`] was called since the last time it resolved.
@@ -149,7 +156,9 @@ impl ConnOut {
 
     pub(crate) fn kick(&self, reason: u8) {
         self.kick_reason.store(reason, Ordering::Release);
-        self.wake();
+        // Always wake, even mid-write: a client that stopped reading must still be kicked.
+        self.signalled.store(true, Ordering::SeqCst);
+        self.waker.wake();
     }
 }
 

@@ -753,34 +753,48 @@ impl Outbox {
             }
             return Ok(());
         }
-        let n = tokio::select! {
-            biased;
-            r = self.wr.write(&self.wbuf) => r?,
-            // Woken while the socket is full: the caller checks for a kick, which must not
-            // wait for a client that stopped reading. Nothing was written, so nothing is lost.
-            _ = out.signalled() => return Ok(()),
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        self.unflushed = true;
-        bytes::Buf::advance(&mut self.wbuf, n);
-        shared
-            .stats
-            .bytes_sent
-            .fetch_add(n as u64, Ordering::Relaxed);
-        if self.wbuf.is_empty() {
-            if out.buf.lock().is_empty() {
-                // Nothing more to write: the connection may go idle, so it keeps no buffer.
-                self.wbuf = BytesMut::new();
-            } else {
-                self.wbuf.clear();
+        out.writing.store(true, Ordering::SeqCst);
+        // Keep writing while the socket takes it (bounded, so reads and acks get their turn):
+        // a busy subscriber stays here instead of going round the whole connection loop.
+        for _ in 0..16 {
+            let n = tokio::select! {
+                biased;
+                r = self.wr.write(&self.wbuf) => r?,
+                // Only a kick wakes us mid-write (see `ConnOut::wake`): the caller checks it, as
+                // it must not wait for a client that stopped reading. Nothing written, nothing lost.
+                _ = out.signalled() => return Ok(()),
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
             }
-        }
-        if out.pressured.load(Ordering::Acquire) & PRESSURE_OUTBOX != 0
-            && out.buf.lock().len() < shared.cfg.limits.max_outbound_buffer / 2
-        {
-            out.relieve(PRESSURE_OUTBOX);
+            self.unflushed = true;
+            bytes::Buf::advance(&mut self.wbuf, n);
+            shared
+                .stats
+                .bytes_sent
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if out.pressured.load(Ordering::Acquire) & PRESSURE_OUTBOX != 0
+                && out.buf.lock().len() < shared.cfg.limits.max_outbound_buffer / 2
+            {
+                out.relieve(PRESSURE_OUTBOX);
+            }
+            if self.wbuf.is_empty() {
+                // Done with this buffer: from now on new output must wake us.
+                out.writing.store(false, Ordering::SeqCst);
+                if self.wbuf.capacity() > 64 * 1024 && out.buf.lock().is_empty() {
+                    // After a large burst, do not keep its buffer for a connection that may
+                    // now go idle. Smaller buffers are kept: reallocating them on every batch
+                    // costs more than they weigh.
+                    self.wbuf = BytesMut::new();
+                } else {
+                    self.wbuf.clear();
+                }
+                self.refill(out);
+                if self.wbuf.is_empty() {
+                    return Ok(());
+                }
+                out.writing.store(true, Ordering::SeqCst);
+            }
         }
         Ok(())
     }
