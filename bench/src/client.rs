@@ -2,6 +2,9 @@
 //! generation (CONNECT, SUBSCRIBE, PUBLISH at QoS 0/1, PUBACK). It deliberately avoids any
 //! third-party MQTT client so the bench measures brokers, not someone else's client library.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -10,13 +13,108 @@ use meridian_codec::{
     Connect, DecodeOptions, Packet, Properties, Protocol, PubResponse, Publish, QoS, ReasonCode,
     Subscribe, SubscribeFilter, SubscriptionOptions, decode, encode,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The read side of a connection: plain TCP (the default suite) or TLS (the Event Grid scenario
+/// of `meridian-bench authz`). An enum rather than a trait object, so plain TCP pays one match.
+pub(crate) enum ReadHalf {
+    Tcp(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream>),
+}
+
+/// The write side of a connection (see [`ReadHalf`]).
+pub(crate) enum WriteHalf {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream>),
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Tcp(h) => Pin::new(h).poll_read(cx, buf),
+            ReadHalf::Tls(h) => Pin::new(h).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(h) => Pin::new(h).poll_write(cx, buf),
+            WriteHalf::Tls(h) => Pin::new(h).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(h) => Pin::new(h).poll_flush(cx),
+            WriteHalf::Tls(h) => Pin::new(h).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(h) => Pin::new(h).poll_shutdown(cx),
+            WriteHalf::Tls(h) => Pin::new(h).poll_shutdown(cx),
+        }
+    }
+}
+
+/// TLS towards the broker: the connector (trusted server CA, optional client certificate) and
+/// the server name sent as SNI (Event Grid clients name their namespace with it).
+#[derive(Clone)]
+pub(crate) struct TlsClient {
+    pub(crate) connector: tokio_rustls::TlsConnector,
+    pub(crate) server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsClient({:?})", self.server_name)
+    }
+}
+
+impl TlsClient {
+    /// A client trusting `server_ca` (DER) and presenting `chain` + `key` (PKCS#8 DER).
+    pub(crate) fn new(
+        server_ca: rustls_pki_types::CertificateDer<'static>,
+        chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+        key_pkcs8: Vec<u8>,
+        sni: &str,
+    ) -> anyhow::Result<TlsClient> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(server_ca)?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            chain,
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key_pkcs8.into()),
+        )?;
+        Ok(TlsClient {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name: rustls_pki_types::ServerName::try_from(sni.to_owned())?,
+        })
+    }
+}
+
 /// Reads whole packets from one half of a connection.
 pub(crate) struct PacketReader {
-    half: OwnedReadHalf,
+    half: ReadHalf,
     buf: BytesMut,
     opts: DecodeOptions,
     /// How much room to make before each read: large for streaming clients, tiny for the idle
@@ -64,7 +162,7 @@ impl PacketReader {
 
 /// Encodes packets into a buffer and writes them out in batches.
 pub(crate) struct PacketWriter {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     buf: BytesMut,
     protocol: Protocol,
 }
@@ -102,6 +200,10 @@ pub(crate) struct ClientOptions {
     pub(crate) keep_alive: u16,
     /// Read/write buffer size (see [`PacketReader`]).
     pub(crate) buffer: usize,
+    /// CONNECT username (no password), e.g. to be matched by an authorization rule.
+    pub(crate) username: Option<String>,
+    /// TLS instead of plain TCP.
+    pub(crate) tls: Option<TlsClient>,
 }
 
 /// A connected client: the CONNACK has been received with a success code.
@@ -114,11 +216,38 @@ pub(crate) struct Client {
 
 impl Client {
     pub(crate) async fn connect(addr: &str, o: &ClientOptions) -> anyhow::Result<Client> {
+        match Self::try_connect(addr, o).await? {
+            Ok(c) => Ok(c),
+            Err(code) => bail!("CONNACK refused: reason code {code:#04x}"),
+        }
+    }
+
+    /// Like [`Client::connect`], but a refusing CONNACK is `Ok(Err(reason code))`.
+    pub(crate) async fn try_connect(
+        addr: &str,
+        o: &ClientOptions,
+    ) -> anyhow::Result<Result<Client, u8>> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
-        let (r, w) = stream.into_split();
+        let (r, w) = match &o.tls {
+            None => {
+                let (r, w) = stream.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            Some(t) => {
+                let tls = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    t.connector.connect(t.server_name.clone(), stream),
+                )
+                .await
+                .context("timed out in the TLS handshake")?
+                .context("TLS handshake")?;
+                let (r, w) = tokio::io::split(tls);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        };
         let mut reader = PacketReader {
             half: r,
             buf: BytesMut::with_capacity(o.buffer),
@@ -144,7 +273,7 @@ impl Client {
                 clean_start: true,
                 keep_alive: o.keep_alive,
                 client_id: o.client_id.clone(),
-                username: None,
+                username: o.username.clone(),
                 password: None,
                 will: None,
                 properties,
@@ -156,13 +285,13 @@ impl Client {
         match ack {
             Some(Packet::ConnAck(a)) if !a.reason_code.is_error() => {
                 let server_receive_maximum = a.properties.receive_maximum.unwrap_or(u16::MAX);
-                Ok(Client {
+                Ok(Ok(Client {
                     reader,
                     writer,
                     server_receive_maximum,
-                })
+                }))
             }
-            Some(Packet::ConnAck(a)) => bail!("CONNACK refused: {:?}", a.reason_code),
+            Some(Packet::ConnAck(a)) => Ok(Err(a.reason_code.0)),
             Some(other) => bail!("expected CONNACK, got packet type {}", other.packet_type()),
             None => bail!("connection closed before CONNACK"),
         }
@@ -170,6 +299,19 @@ impl Client {
 
     /// Subscribe and wait for the SUBACK; fails when the broker refuses the filter.
     pub(crate) async fn subscribe(&mut self, filter: &str, qos: QoS) -> anyhow::Result<()> {
+        let codes = self.subscribe_codes(filter, qos).await?;
+        if codes.iter().any(|c| c.is_error()) {
+            bail!("SUBACK refused {filter}: {codes:?}");
+        }
+        Ok(())
+    }
+
+    /// Subscribe and return the SUBACK's reason codes (refusals included).
+    pub(crate) async fn subscribe_codes(
+        &mut self,
+        filter: &str,
+        qos: QoS,
+    ) -> anyhow::Result<Vec<ReasonCode>> {
         self.writer
             .send(&Packet::Subscribe(Subscribe {
                 packet_id: 1,
@@ -188,12 +330,7 @@ impl Client {
                 .await
                 .context("timed out waiting for SUBACK")??
             {
-                Some(Packet::SubAck(a)) => {
-                    if a.reason_codes.iter().any(|c| c.is_error()) {
-                        bail!("SUBACK refused {filter}: {:?}", a.reason_codes);
-                    }
-                    return Ok(());
-                }
+                Some(Packet::SubAck(a)) => return Ok(a.reason_codes),
                 Some(_) => continue,
                 None => bail!("connection closed before SUBACK"),
             }

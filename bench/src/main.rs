@@ -5,6 +5,7 @@
 //! markdown tables with ratios, targets and the QoS contract check. `run` drives the same
 //! scenarios against a broker that is already running.
 
+mod authz;
 mod broker;
 mod client;
 mod report;
@@ -34,6 +35,10 @@ enum Command {
     Compare(CompareArgs),
     /// Run the scenarios against an already running broker.
     Run(RunArgs),
+    /// Authorization on the hot path: throughput with authorization off, with 1,000 IoT
+    /// Operations rules and with an Event Grid namespace of 1,000 bindings, on snapshot
+    /// listeners pushed to a `meridian broker` node this command starts (docs/benchmarks.md).
+    Authz(authz::AuthzArgs),
 }
 
 #[derive(Args, Clone)]
@@ -255,12 +260,12 @@ async fn compare(
                     Cell::NotRun
                 }
                 Ok(mut b) => {
-                    let runner = Runner {
-                        addr: b.addr.clone(),
-                        settings: s.clone(),
-                        label: format!("{} {}", b.kind.name(), sc.key()),
-                        subscriber_runtime: subscriber_runtime.clone(),
-                    };
+                    let runner = Runner::new(
+                        b.addr.clone(),
+                        s.clone(),
+                        format!("{} {}", b.kind.name(), sc.key()),
+                        subscriber_runtime.clone(),
+                    );
                     let r =
                         tokio::time::timeout(timeout_for(&s), runner.run(*sc, Some(b.pid()))).await;
                     let alive = b.alive();
@@ -331,12 +336,12 @@ async fn run(a: RunArgs, subscriber_runtime: tokio::runtime::Handle) -> anyhow::
     for sc in &scenarios {
         let label = sc.label(&s);
         eprintln!("== {label} on {} ==", a.addr);
-        let runner = Runner {
-            addr: a.addr.clone(),
-            settings: s.clone(),
-            label: sc.key(),
-            subscriber_runtime: subscriber_runtime.clone(),
-        };
+        let runner = Runner::new(
+            a.addr.clone(),
+            s.clone(),
+            sc.key(),
+            subscriber_runtime.clone(),
+        );
         let cell = match tokio::time::timeout(timeout_for(&s), runner.run(*sc, a.pid)).await {
             Ok(Ok(o)) => {
                 eprintln!("  result: {}", one_line(&o));
@@ -370,14 +375,19 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let handle = subscribers.handle().clone();
-    let violations = main_rt.block_on(async move {
-        match cli.command {
-            Command::Compare(a) => compare(a, handle).await,
-            Command::Run(a) => run(a, handle).await,
-        }
+    let (violations, authz_failed) = main_rt.block_on(async move {
+        anyhow::Ok(match cli.command {
+            Command::Compare(a) => (compare(a, handle).await?, false),
+            Command::Run(a) => (run(a, handle).await?, false),
+            Command::Authz(a) => (0, !authz::authz(a, handle).await?),
+        })
     })?;
     subscribers.shutdown_background();
     main_rt.shutdown_background();
+    if authz_failed {
+        eprintln!("authorization benchmark: FAIL (see the table)");
+        std::process::exit(1);
+    }
     if violations > 0 {
         eprintln!("{violations} QoS contract violations");
         std::process::exit(2);

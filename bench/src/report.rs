@@ -58,7 +58,7 @@ enum Target {
     None,
 }
 
-fn fmt_rate(v: f64) -> String {
+pub(crate) fn fmt_rate(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.2} M/s", v / 1e6)
     } else if v >= 1e3 {

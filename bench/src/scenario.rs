@@ -16,7 +16,9 @@ use meridian_codec::{Packet, Protocol, QoS};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::client::{Client, ClientOptions, PacketReader, PacketWriter, puback, publish};
+use crate::client::{
+    Client, ClientOptions, PacketReader, PacketWriter, TlsClient, puback, publish,
+};
 
 const HEADER: usize = 20;
 
@@ -209,6 +211,49 @@ pub(crate) struct Runner {
     pub(crate) label: String,
     /// Where subscriber tasks run (a runtime of their own, see [`Runner::flow`]).
     pub(crate) subscriber_runtime: tokio::runtime::Handle,
+    /// CONNECT username of every bench client (`None`: no username).
+    pub(crate) username: Option<String>,
+    /// TLS for every bench client (`None`: plain TCP).
+    pub(crate) tls: Option<TlsClient>,
+    /// One topic for everyone (`bench/{key}`), or a topic level per publisher.
+    pub(crate) topics: TopicLayout,
+}
+
+/// A publisher's topic from its client id.
+type TopicOf = Box<dyn Fn(&str) -> String + Send + Sync>;
+
+/// Which topics a flow publishes to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum TopicLayout {
+    /// Every publisher on `bench/{key}`; subscribers subscribe to exactly that.
+    #[default]
+    Shared,
+    /// Publisher `p` on `bench/{key}/{its client id}`; subscribers on `bench/{key}/+` (lets an
+    /// authorization rule grant `bench/+/{principal.clientId}`).
+    PerClientId,
+    /// Every publisher on `bench/{key}/{this}`; subscribers on `bench/{key}/+` (an Event Grid
+    /// template `bench/+/${client.authenticationName}` when this is the authentication name).
+    Suffix(String),
+}
+
+impl Runner {
+    /// A runner with the default client settings (no username, plain TCP, one shared topic).
+    pub(crate) fn new(
+        addr: String,
+        settings: Settings,
+        label: String,
+        subscriber_runtime: tokio::runtime::Handle,
+    ) -> Runner {
+        Runner {
+            addr,
+            settings,
+            label,
+            subscriber_runtime,
+            username: None,
+            tls: None,
+            topics: TopicLayout::Shared,
+        }
+    }
 }
 
 impl Runner {
@@ -218,6 +263,8 @@ impl Runner {
             protocol: self.settings.protocol,
             keep_alive: 300,
             buffer: 64 * 1024,
+            username: self.username.clone(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -254,7 +301,23 @@ impl Runner {
     ) -> anyhow::Result<Outcome> {
         let s = &self.settings;
         let key = scenario.key();
-        let topic = format!("bench/{key}");
+        let (topic, pub_topic): (String, TopicOf) = match &self.topics {
+            TopicLayout::Shared => {
+                let t = format!("bench/{key}");
+                (t.clone(), Box::new(move |_| t.clone()))
+            }
+            TopicLayout::PerClientId => {
+                let k = key.clone();
+                (
+                    format!("bench/{key}/+"),
+                    Box::new(move |id| format!("bench/{k}/{id}")),
+                )
+            }
+            TopicLayout::Suffix(sfx) => {
+                let t = format!("bench/{key}/{sfx}");
+                (format!("bench/{key}/+"), Box::new(move |_| t.clone()))
+            }
+        };
         let epoch = Instant::now();
         let delivered = Arc::new(AtomicU64::new(0));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -302,19 +365,20 @@ impl Runner {
 
         let mut pub_clients = Vec::with_capacity(publishers);
         for i in 0..publishers {
-            pub_clients
-                .push(Client::connect(&self.addr, &self.opts(format!("mb-{key}-p{i}"))).await?);
+            let id = format!("mb-{key}-p{i}");
+            let c = Client::connect(&self.addr, &self.opts(id.clone())).await?;
+            pub_clients.push((c, pub_topic(&id)));
         }
         let start = Instant::now();
         let end = start + s.duration;
         let mut pubs = JoinSet::new();
-        for (i, c) in pub_clients.into_iter().enumerate() {
+        for (i, (c, topic)) in pub_clients.into_iter().enumerate() {
             let per_pub_rate = rate.map(|r| (r as f64 / publishers as f64).max(1.0));
             let window = s.inflight.min(c.server_receive_maximum).max(1);
             pubs.spawn(publisher(
                 c,
                 i as u32,
-                topic.clone(),
+                topic,
                 qos,
                 s.payload.max(HEADER),
                 epoch,
