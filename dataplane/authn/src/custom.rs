@@ -71,6 +71,30 @@ pub struct CustomTls {
     pub client_certificates: Vec<String>,
 }
 
+impl CustomTls {
+    /// From the SNI and a DER certificate chain (leaf first).
+    pub fn new(server_name: Option<String>, chain_der: &[Vec<u8>]) -> CustomTls {
+        let engine = base64::engine::general_purpose::STANDARD;
+        let client_certificates = chain_der
+            .iter()
+            .map(|der| {
+                let b64 = engine.encode(der);
+                let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+                for line in b64.as_bytes().chunks(64) {
+                    pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+                    pem.push('\n');
+                }
+                pem.push_str("-----END CERTIFICATE-----\n");
+                pem
+            })
+            .collect();
+        CustomTls {
+            server_name,
+            client_certificates,
+        }
+    }
+}
+
 fn b64<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(b) => s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b)),

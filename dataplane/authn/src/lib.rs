@@ -15,7 +15,7 @@
 mod custom;
 mod token;
 
-pub use custom::{CustomAllow, CustomAuthenticator, CustomDenial, CustomRequest};
+pub use custom::{CustomAllow, CustomAuthenticator, CustomDenial, CustomRequest, CustomTls};
 pub use token::{TokenError, TokenVerifier, VerifiedToken};
 
 /// A method's settings that cannot be used (reported when a snapshot is applied).

@@ -160,6 +160,11 @@ impl TokenVerifier {
         !self.keys.is_empty() || self.jwks.is_some()
     }
 
+    /// Whether keys come (also) from a JWKS URL.
+    pub fn has_jwks(&self) -> bool {
+        self.jwks.is_some()
+    }
+
     /// Verifies `token`, fetching the JWKS when it is stale or does not know the token's key.
     pub async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         if let Some(j) = &self.jwks {

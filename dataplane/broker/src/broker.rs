@@ -41,6 +41,9 @@ pub enum BrokerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     AuthFile(#[from] AuthFileError),
+    /// A `jwt_keys` file cannot be read or is not a public key.
+    #[error("jwt key {path}: {message} (check --jwt-key / jwt_keys)")]
+    JwtKey { path: String, message: String },
     /// The control-plane settings cannot be used (unreadable CA file, bad URL, ...).
     #[error("control plane: {0}")]
     ControlPlane(String),
@@ -223,6 +226,8 @@ pub(crate) struct Shared {
     pub(crate) store: Option<Arc<dyn SessionStore>>,
     pub(crate) passwords: Option<PasswordFile>,
     pub(crate) acl: Option<Acl>,
+    /// PEM text of the `jwt_keys` files (checked at start).
+    pub(crate) jwt_keys: Vec<String>,
     pub(crate) stats: Stats,
     pub(crate) connections: AtomicUsize,
     pub(crate) cancel: CancellationToken,
@@ -689,6 +694,23 @@ impl Broker {
             .map(PasswordFile::load)
             .transpose()?;
         let acl = cfg.acl_file.as_deref().map(Acl::load).transpose()?;
+        let mut jwt_keys = Vec::new();
+        for path in &cfg.jwt_keys {
+            let fail = |message: String| BrokerError::JwtKey {
+                path: path.display().to_string(),
+                message,
+            };
+            let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            meridian_authn::TokenVerifier::new(
+                &meridian_contract::TokenSettings {
+                    audiences: vec![String::new()],
+                    ..Default::default()
+                },
+                std::slice::from_ref(&pem),
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            jwt_keys.push(pem);
+        }
 
         let mut bound = Vec::new();
         for l in &cfg.listeners {
@@ -745,6 +767,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             store,
             passwords,
+            jwt_keys,
             acl,
             stats: Stats::default(),
             connections: AtomicUsize::new(0),

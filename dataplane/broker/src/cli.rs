@@ -53,6 +53,9 @@ pub struct BrokerArgs {
     /// ACL rules `allow|deny publish|subscribe|all <filter> [user <name>|client <id>]`.
     #[arg(long, env = "MERIDIAN_ACL_FILE")]
     pub acl_file: Option<PathBuf>,
+    /// PEM public key verifying client JWTs of token methods that carry no keys (repeatable).
+    #[arg(long = "jwt-key", value_name = "FILE")]
+    pub jwt_keys: Vec<PathBuf>,
     /// Control plane base URL (https://host:port): report to it and take snapshots from it.
     /// Needs --broker and --token.
     #[arg(long, env = "MERIDIAN_CONTROL_PLANE")]
@@ -123,6 +126,9 @@ impl BrokerArgs {
         }
         if let Some(p) = self.acl_file {
             cfg.acl_file = Some(p);
+        }
+        if !self.jwt_keys.is_empty() {
+            cfg.jwt_keys = self.jwt_keys;
         }
         if let Some(h) = self.snapshot_listener_host {
             cfg.snapshot_listener_host = h;

@@ -171,6 +171,9 @@ pub struct BrokerConfig {
     pub password_file: Option<PathBuf>,
     /// ACL rules (see the `auth` module docs); once given, anything not allowed is denied.
     pub acl_file: Option<PathBuf>,
+    /// PEM public keys (RSA, EC, Ed25519) that verify client JWTs for `ServiceAccountToken`
+    /// methods whose resource carries neither keys nor a JWKS URL.
+    pub jwt_keys: Vec<PathBuf>,
     /// Seconds between `$SYS/broker/...` statistics publications. 0 disables them.
     pub sys_interval_secs: u64,
     pub limits: Limits,
@@ -191,6 +194,7 @@ impl Default for BrokerConfig {
             allow_anonymous: false,
             password_file: None,
             acl_file: None,
+            jwt_keys: Vec::new(),
             sys_interval_secs: 10,
             limits: Limits::default(),
             listeners: vec![ListenerConfig::plain("mqtt://127.0.0.1:1883")],
@@ -277,6 +281,9 @@ allow_anonymous = false
 # Lines "allow|deny publish|subscribe|all <filter> [user <name>|client <id>]"; first match wins;
 # once an ACL file is given, anything not allowed is denied.
 # acl_file = "/etc/meridian/acl"
+# PEM public keys that verify client JWTs (MQTT 5 authentication method K8S-SAT or OAUTH2-JWT)
+# for ServiceAccountToken methods from the control plane that carry no keys or JWKS URL.
+# jwt_keys = ["/etc/meridian/jwt-issuer.pem"]
 
 # Seconds between $SYS/broker/... statistics; 0 disables them.
 sys_interval_secs = 10

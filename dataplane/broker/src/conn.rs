@@ -179,7 +179,12 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         refuse(&mut wr, protocol, ReasonCode::QUOTA_EXCEEDED).await;
         return None;
     }
-    if connect.properties.authentication_method.is_some() {
+    if connect.properties.authentication_method.is_some() && slot.is_none() {
+        // Enhanced authentication is offered by snapshot ports' token and custom methods only.
+        shared
+            .stats
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
         refuse(&mut wr, protocol, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
         return None;
     }
@@ -225,7 +230,8 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
     // Snapshot listeners: authentication and authorization (CONNECT and will) by the snapshot.
     let guard = match slot {
         Some(slot) => {
-            match crate::live::admit(&shared, slot, &connect, &client_id, tls.as_ref()).await {
+            match crate::live::admit(&shared, slot, &connect, &client_id, peer, tls.as_ref()).await
+            {
                 Ok(g) => Some(g),
                 Err(code) => {
                     shared
@@ -282,6 +288,8 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         if expiry != requested_expiry {
             props.session_expiry_interval = Some(expiry);
         }
+        // Enhanced authentication succeeded in one step: CONNACK names the method.
+        props.authentication_method = out.guard.as_ref().and_then(|g| g.auth_method.clone());
         if connect.properties.request_response_information == Some(1) {
             props.response_information = Some(format!("response/{client_id}"));
         }
@@ -839,7 +847,11 @@ impl Conn {
     async fn run(&mut self) -> (End, Option<ReasonCode>) {
         let keep_alive = self.keep_alive;
         let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-        let sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(86400)));
+        // One timer for both deadlines: keep alive (1.5 × from the last read) and, for a
+        // credential that expires (a token), its expiry.
+        let timed = ka.is_some() || self.out.guard.is_some();
+        let mut last_read = tokio::time::Instant::now();
+        let sleep = tokio::time::sleep_until(self.next_deadline(ka, last_read));
         tokio::pin!(sleep);
         let max_pending = usize::from(self.shared.cfg.limits.receive_maximum).max(1);
         loop {
@@ -902,17 +914,50 @@ impl Conn {
                                 self.rbuf.reserve((n * 2).clamp(1024, 64 * 1024));
                             }
                             self.shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
-                            if let Some(ka) = ka {
-                                sleep.as_mut().reset(tokio::time::Instant::now() + ka);
+                            if ka.is_some() {
+                                last_read = tokio::time::Instant::now();
+                                sleep.as_mut().reset(self.next_deadline(ka, last_read));
                             }
                         }
                     }
                 }
-                _ = &mut sleep, if ka.is_some() => {
-                    return (End::WithWill, Some(ReasonCode::KEEP_ALIVE_TIMEOUT));
+                _ = &mut sleep, if timed => {
+                    let now = tokio::time::Instant::now();
+                    if let Some(g) = &self.out.guard
+                        && let Some(exp) = g.expiry_ms()
+                        && exp <= now_ms()
+                    {
+                        g.revoke("the credential expired; re-authenticate (AUTH 0x19) before it does".into());
+                        return (End::WithWill, Some(ReasonCode::MAXIMUM_CONNECT_TIME));
+                    }
+                    if let Some(ka) = ka && last_read + ka <= now {
+                        return (End::WithWill, Some(ReasonCode::KEEP_ALIVE_TIMEOUT));
+                    }
+                    // A re-authentication moved the expiry: wait for the new deadline.
+                    sleep.as_mut().reset(self.next_deadline(ka, last_read));
                 }
             }
         }
+    }
+
+    /// The earlier of the keep-alive deadline and the credential's expiry (a day away if
+    /// neither applies).
+    fn next_deadline(
+        &self,
+        ka: Option<Duration>,
+        last_read: tokio::time::Instant,
+    ) -> tokio::time::Instant {
+        let far = last_read + Duration::from_secs(86400);
+        let keep_alive = ka.map_or(far, |ka| last_read + ka);
+        let expiry = self
+            .out
+            .guard
+            .as_ref()
+            .and_then(|g| g.expiry_ms())
+            .map_or(far, |exp| {
+                tokio::time::Instant::now() + Duration::from_millis(exp.saturating_sub(now_ms()))
+            });
+        keep_alive.min(expiry)
     }
 
     /// Pause (bounded by one deadline for all of them, so many slow subscribers cost one
@@ -1053,9 +1098,36 @@ impl Conn {
                     Err((End::Normal, None))
                 }
             }
-            // A second CONNECT, AUTH without an authentication method, or a server-only packet.
+            Packet::Auth(a) => self.on_auth(a),
+            // A second CONNECT or a server-only packet.
             _ => violation(ReasonCode::PROTOCOL_ERROR),
         }
+    }
+
+    /// AUTH from the client: only re-authentication (0x19) with the method of its CONNECT
+    /// ([MQTT-4.12.0-7]: no AUTH without an authentication method; [MQTT-4.12.1-1]: the same
+    /// method). The node never sends Continue (0x18), so a client's 0x18 is a protocol error.
+    fn on_auth(&mut self, a: meridian_codec::Auth) -> Flow {
+        let method = self
+            .out
+            .guard
+            .as_ref()
+            .and_then(|g| g.auth_method.as_deref());
+        let Some(method) = method else {
+            return violation(ReasonCode::PROTOCOL_ERROR);
+        };
+        if a.reason_code != ReasonCode::RE_AUTHENTICATE
+            || a.properties.authentication_method.as_deref() != Some(method)
+        {
+            return violation(ReasonCode::PROTOCOL_ERROR);
+        }
+        let data = a
+            .properties
+            .authentication_data
+            .map(|d| d.to_vec())
+            .unwrap_or_default();
+        crate::live::reauthenticate(&self.shared, &self.out, self.client_id.clone(), data);
+        Ok(())
     }
 
     fn session_event(&mut self, ev: Event) -> Flow {

@@ -34,14 +34,20 @@
 //! with authentication, the bound namespaces' CA certificates; a non-empty bundle makes client
 //! certificates mandatory on that port), with `authorizationAttributes` as principal attributes;
 //! Event Grid clients reach their namespace by TLS SNI `<namespace>.<domain>` and are checked
-//! against the registry (validation scheme, thumbprints). `ServiceAccountToken`, `Custom` and
-//! `Svid` are carried but authenticate nobody yet (fail closed).
+//! against the registry (validation scheme, thumbprints). `ServiceAccountToken`: MQTT 5 enhanced
+//! authentication with method `K8S-SAT`, `OAUTH2-JWT` or `JWT` and the token as authentication
+//! data, verified by [`meridian_authn::TokenVerifier`] (the method's keys or JWKS, else the
+//! node's `--jwt-key`s); its `sub` is the username, its claims the attributes, and the connection
+//! is closed with 0xA0 at `exp` unless it re-authenticates (AUTH 0x19) first. `Custom`: the
+//! first custom method's server decides ([`meridian_authn::CustomAuthenticator`]) for clients no
+//! other method took, and for enhanced authentication with any other method name. `Svid`
+//! authenticates nobody (no SPIFFE agent; fail closed).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -82,7 +88,25 @@ pub(crate) enum Credential {
     Certificate,
     /// An Event Grid namespace client (certificate checked against the registry).
     Namespace,
+    /// A JWT accepted by a `ServiceAccountToken` method; kept to re-verify it after a swap.
+    Token { token: Secret },
+    /// Admitted by the `Custom` method calling this endpoint.
+    Custom { endpoint: String },
 }
+
+/// A bearer token; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(Arc<str>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// MQTT 5 authentication methods whose Authentication Data is a JWT (IoT Operations `K8S-SAT`,
+/// Event Grid `OAUTH2-JWT`, and plain `JWT`), verified by the port's `ServiceAccountToken` methods.
+pub(crate) const TOKEN_METHODS: [&str; 3] = ["K8S-SAT", "OAUTH2-JWT", "JWT"];
 
 /// An argon2 PHC string; `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -100,7 +124,15 @@ pub(crate) struct Guard {
     /// The port it came through (see [`LiveState::ports`]).
     pub(crate) slot: u32,
     pub(crate) principal: Principal,
-    credential: Credential,
+    credential: Mutex<Credential>,
+    /// MQTT 5 enhanced authentication: the method the client authenticated with (an AUTH
+    /// re-authentication must name the same one).
+    pub(crate) auth_method: Option<String>,
+    /// When the credential runs out (unix ms, 0 = never): unless the client re-authenticates
+    /// first, its connection is closed with 0xA0 Maximum connect time.
+    pub(crate) expires_at_ms: AtomicU64,
+    /// The client's address (for custom re-authentication).
+    peer: SocketAddr,
     /// Why the node is closing this connection (sent as the DISCONNECT reason string).
     revoked: Mutex<Option<String>>,
 }
@@ -111,8 +143,13 @@ impl Guard {
         self.revoked.lock().clone()
     }
 
-    fn revoke(&self, why: String) {
+    pub(crate) fn revoke(&self, why: String) {
         *self.revoked.lock() = Some(why);
+    }
+
+    /// The credential's expiry (unix ms), if it has one.
+    pub(crate) fn expiry_ms(&self) -> Option<u64> {
+        Some(self.expires_at_ms.load(Ordering::Acquire)).filter(|&t| t > 0)
     }
 }
 
@@ -171,7 +208,7 @@ impl PortPolicy {
         filters: impl Iterator<Item = &'a String>,
     ) -> Result<(), String> {
         if let Some(a) = &self.authn {
-            match &g.credential {
+            match &*g.credential.lock() {
                 Credential::Open => {
                     return Err("authentication is now required on this listener".into());
                 }
@@ -195,6 +232,36 @@ impl PortPolicy {
                     }
                 }
                 Credential::Namespace => {}
+                Credential::Token { token } => {
+                    if a.tokens.is_empty() {
+                        return Err("token authentication was removed from this listener".into());
+                    }
+                    // Keys may have changed: the token must still verify with the keys known
+                    // now. A key the JWKS has not published yet (as last fetched) is given the
+                    // benefit of the doubt until the client's next re-authentication.
+                    let mut last = None;
+                    let ok = a.tokens.iter().any(|v| match v.verify_cached(&token.0) {
+                        Ok(_) => true,
+                        Err(meridian_authn::TokenError::UnknownKey(_)) if v.has_jwks() => true,
+                        Err(e) => {
+                            last = Some(e);
+                            false
+                        }
+                    });
+                    if !ok {
+                        return Err(format!(
+                            "the client's token is no longer accepted: {}",
+                            last.map_or_else(|| "no token method".to_string(), |e| e.to_string())
+                        ));
+                    }
+                }
+                Credential::Custom { endpoint } => {
+                    if !a.custom.iter().any(|c| c.endpoint() == endpoint) {
+                        return Err(format!(
+                            "custom authentication by {endpoint} was removed from this listener"
+                        ));
+                    }
+                }
             }
         }
         if let Err(why) = self.connect_verdict(&g.principal) {
@@ -220,6 +287,12 @@ struct Authn {
     has_x509: bool,
     /// `authorizationAttributes` of each X509 method.
     x509_attributes: Vec<x509::AuthorizationAttributes>,
+    /// `ServiceAccountToken` methods: JWTs in MQTT 5 enhanced authentication.
+    tokens: Vec<Arc<meridian_authn::TokenVerifier>>,
+    /// `Custom` methods, in the resources' order (the first one is asked).
+    custom: Vec<Arc<meridian_authn::CustomAuthenticator>>,
+    /// The port number (told to custom authentication servers).
+    port: u16,
 }
 
 #[derive(Debug)]
@@ -391,6 +464,7 @@ pub(crate) async fn admit(
     slot: u32,
     connect: &Connect,
     client_id: &str,
+    peer: SocketAddr,
     tls: Option<&TlsInfo>,
 ) -> Result<Arc<Guard>, ReasonCode> {
     let state = shared.live.state.read().clone();
@@ -404,13 +478,26 @@ pub(crate) async fn admit(
         .and_then(|t| t.sni.as_deref())
         .and_then(|sni| sni.split('.').next())
         .and_then(|label| state.namespaces.get(&label.to_ascii_lowercase()));
-    let credential = if let Some(ns) = sni_namespace {
+    let method = connect.properties.authentication_method.clone();
+    let (credential, expires_at_ms) = if let Some(ns) = sni_namespace {
+        if method.is_some() {
+            // Namespace clients authenticate by certificate only.
+            return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
+        }
         namespace_client(&port, ns, connect, tls, &mut principal)?;
-        Credential::Namespace
+        (Credential::Namespace, 0)
     } else {
         match &port.authn {
-            None => Credential::Open,
-            Some(authn) => authenticate(shared, authn, connect, tls, &mut principal).await?,
+            None if method.is_some() => return Err(ReasonCode::BAD_AUTHENTICATION_METHOD),
+            None => (Credential::Open, 0),
+            Some(authn) => {
+                let facts = Facts {
+                    client_id,
+                    peer,
+                    tls,
+                };
+                authenticate(shared, authn, connect, &facts, &mut principal).await?
+            }
         }
     };
     if let Err(why) = port.connect_verdict(&principal) {
@@ -430,31 +517,203 @@ pub(crate) async fn admit(
     Ok(Arc::new(Guard {
         slot,
         principal,
-        credential,
+        credential: Mutex::new(credential),
+        auth_method: method,
+        expires_at_ms: AtomicU64::new(expires_at_ms),
+        peer,
         revoked: Mutex::new(None),
     }))
 }
 
-/// The IoT Operations methods of a port: a verified certificate, else username/password.
+/// MQTT 5 re-authentication: the client sent AUTH with reason 0x19 and its connection's method.
+/// The new data is checked in the background (a JWKS fetch or a custom call must not stall the
+/// connection): success answers AUTH 0x00 and moves the expiry; a refusal, or data that proves
+/// a different identity, closes the connection with 0x87 (0x8C when the port no longer has the
+/// method) and a reason string.
+pub(crate) fn reauthenticate(
+    shared: &Arc<Shared>,
+    out: &Arc<crate::broker::ConnOut>,
+    client_id: Arc<str>,
+    data: Vec<u8>,
+) {
+    let Some(guard) = out.guard.clone() else {
+        return;
+    };
+    let out = out.clone();
+    let s = shared.clone();
+    shared.tracker.spawn(async move {
+        match reauth_verdict(&s, &guard, &client_id, data).await {
+            Ok((credential, expires_at_ms)) => {
+                *guard.credential.lock() = credential;
+                guard.expires_at_ms.store(expires_at_ms, Ordering::Release);
+                out.send(&meridian_codec::Packet::Auth(meridian_codec::Auth {
+                    reason_code: ReasonCode::SUCCESS,
+                    properties: meridian_codec::Properties {
+                        authentication_method: guard.auth_method.clone(),
+                        ..Default::default()
+                    },
+                }));
+                s.event(
+                    "reauthenticated",
+                    serde_json::json!({"client_id": &*client_id, "expires_at_ms": expires_at_ms}),
+                );
+            }
+            Err((code, why)) => {
+                tracing::info!(client = %client_id, reason = why, "re-authentication refused");
+                guard.revoke(why);
+                out.kick(code.0);
+            }
+        }
+    });
+}
+
+async fn reauth_verdict(
+    shared: &Shared,
+    guard: &Guard,
+    client_id: &str,
+    data: Vec<u8>,
+) -> Result<(Credential, u64), (ReasonCode, String)> {
+    let port = shared.live.state.read().ports.get(&guard.slot).cloned();
+    let Some(port) = port else {
+        return Err((
+            ReasonCode::NOT_AUTHORIZED,
+            "the listener was removed".into(),
+        ));
+    };
+    let Some(authn) = port.authn.as_ref() else {
+        // Authentication was disabled on this port meanwhile: nothing to prove any more.
+        return Ok((Credential::Open, 0));
+    };
+    let method = guard.auth_method.as_deref().unwrap_or_default();
+    let p = &guard.principal;
+    let different = || {
+        (
+            ReasonCode::NOT_AUTHORIZED,
+            "re-authentication proved a different identity; reconnect to change it".to_string(),
+        )
+    };
+    if TOKEN_METHODS.contains(&method) && !authn.tokens.is_empty() {
+        let token = std::str::from_utf8(&data)
+            .map_err(|_| {
+                (
+                    ReasonCode::NOT_AUTHORIZED,
+                    "re-authentication data is not a token".to_string(),
+                )
+            })?
+            .trim();
+        let v = verify_token(authn, token).await.map_err(|e| {
+            (
+                ReasonCode::NOT_AUTHORIZED,
+                format!("re-authentication failed: {e}"),
+            )
+        })?;
+        if v.subject != p.username || v.attributes != p.attributes {
+            return Err(different());
+        }
+        return Ok((
+            Credential::Token {
+                token: Secret(Arc::from(token)),
+            },
+            unix_ms(v.expires_at),
+        ));
+    }
+    if let Some(custom) = authn.custom.first() {
+        let req = meridian_authn::CustomRequest {
+            event: "reauthenticate",
+            client_id: client_id.to_owned(),
+            username: p.username.clone(),
+            authentication_method: guard.auth_method.clone(),
+            authentication_data: Some(data),
+            protocol_version: 5,
+            remote_address: guard.peer.to_string(),
+            listener_port: authn.port,
+            ..Default::default()
+        };
+        let allow = custom
+            .authenticate(&req)
+            .await
+            .map_err(|d| (ReasonCode::NOT_AUTHORIZED, d.reason))?;
+        if allow.attributes != p.attributes {
+            return Err(different());
+        }
+        return Ok((
+            Credential::Custom {
+                endpoint: custom.endpoint().to_owned(),
+            },
+            allow.expires_at.map_or(0, unix_ms),
+        ));
+    }
+    Err((
+        ReasonCode::BAD_AUTHENTICATION_METHOD,
+        format!("authentication method {method:?} is no longer offered on this listener"),
+    ))
+}
+
+/// What authentication may need to know about the connection besides its CONNECT.
+struct Facts<'a> {
+    client_id: &'a str,
+    peer: SocketAddr,
+    tls: Option<&'a TlsInfo>,
+}
+
+/// Seconds since the epoch → unix ms, saturating.
+fn unix_ms(seconds: u64) -> u64 {
+    seconds.saturating_mul(1000).max(1)
+}
+
+/// The IoT Operations methods of a port. With an MQTT 5 authentication method: a JWT for the
+/// token methods, anything else for the `Custom` method, else 0x8C. Without: a verified
+/// certificate, else the username's password, else the `Custom` method. Returns the credential
+/// and when it expires (unix ms, 0 = never).
 async fn authenticate(
     shared: &Shared,
     authn: &Authn,
     connect: &Connect,
-    tls: Option<&TlsInfo>,
+    facts: &Facts<'_>,
     principal: &mut Principal,
-) -> Result<Credential, ReasonCode> {
-    let chain = tls.map(|t| t.peer_certificates.as_slice()).unwrap_or(&[]);
+) -> Result<(Credential, u64), ReasonCode> {
+    if let Some(method) = &connect.properties.authentication_method {
+        let data = connect
+            .properties
+            .authentication_data
+            .as_deref()
+            .unwrap_or_default();
+        if TOKEN_METHODS.contains(&method.as_str()) && !authn.tokens.is_empty() {
+            let token = std::str::from_utf8(data)
+                .map_err(|_| ReasonCode::BAD_USER_NAME_OR_PASSWORD)?
+                .trim();
+            let verified = verify_token(authn, token).await.map_err(|e| {
+                tracing::debug!(client = facts.client_id, method, "token refused: {e}");
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD
+            })?;
+            token_principal(principal, verified.subject, verified.attributes);
+            return Ok((
+                Credential::Token {
+                    token: Secret(Arc::from(token)),
+                },
+                unix_ms(verified.expires_at),
+            ));
+        }
+        if !authn.custom.is_empty() {
+            return ask_custom(authn, connect, facts, principal).await;
+        }
+        return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
+    }
+    let chain = facts
+        .tls
+        .map(|t| t.peer_certificates.as_slice())
+        .unwrap_or(&[]);
     if authn.has_x509 && !chain.is_empty() {
         // The TLS layer verified the chain against the port's trust bundle.
         let identities: Vec<x509::CertificateIdentity> = chain
             .iter()
             .filter_map(|der| x509::identity_from_der(der).ok())
             .collect();
-        if principal.username.is_none() {
-            principal.username = identities
-                .first()
-                .and_then(|i| i.common_names.first().cloned());
-        }
+        // The username is the certificate's CN: a CONNECT username proves nothing here and
+        // must not reach rules written for a password user of that name.
+        principal.username = identities
+            .first()
+            .and_then(|i| i.common_names.first().cloned());
         if let Some(m) = authn
             .x509_attributes
             .iter()
@@ -462,32 +721,127 @@ async fn authenticate(
         {
             principal.attributes = m.attributes.clone();
         }
-        return Ok(Credential::Certificate);
+        return Ok((Credential::Certificate, 0));
     }
-    let Some(username) = &connect.username else {
-        return Err(ReasonCode::NOT_AUTHORIZED);
-    };
-    let password = connect.password.as_deref().unwrap_or_default().to_vec();
-    if let Some(entry) = authn.passwords.get(username) {
-        if crate::auth::verify_phc(entry.hash.0.to_string(), password).await {
-            principal.attributes = entry.attributes.clone();
-            return Ok(Credential::Password {
-                username: username.clone(),
-                hash: entry.hash.clone(),
-            });
+    if let Some(username) = &connect.username {
+        let password = connect.password.as_deref().unwrap_or_default().to_vec();
+        if let Some(entry) = authn.passwords.get(username) {
+            if crate::auth::verify_phc(entry.hash.0.to_string(), password).await {
+                principal.attributes = entry.attributes.clone();
+                return Ok((
+                    Credential::Password {
+                        username: username.clone(),
+                        hash: entry.hash.clone(),
+                    },
+                    0,
+                ));
+            }
+            return Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD);
         }
-        return Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+        if authn.node_password_file
+            && let Some(file) = &shared.passwords
+            && file.verify(username, &password).await
+        {
+            return Ok((
+                Credential::Password {
+                    username: username.clone(),
+                    hash: Phc(Arc::from("")),
+                },
+                0,
+            ));
+        }
     }
-    if authn.node_password_file
-        && let Some(file) = &shared.passwords
-        && file.verify(username, &password).await
-    {
-        return Ok(Credential::Password {
-            username: username.clone(),
-            hash: Phc(Arc::from("")),
-        });
+    if !authn.custom.is_empty() {
+        return ask_custom(authn, connect, facts, principal).await;
     }
-    Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+    Err(if connect.username.is_some() {
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD
+    } else {
+        ReasonCode::NOT_AUTHORIZED
+    })
+}
+
+/// Tries every token method of the port; the first that accepts the token wins.
+async fn verify_token(
+    authn: &Authn,
+    token: &str,
+) -> Result<meridian_authn::VerifiedToken, meridian_authn::TokenError> {
+    let mut first_error = None;
+    for v in &authn.tokens {
+        match v.verify(token).await {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or(meridian_authn::TokenError::UnknownKey(None)))
+}
+
+/// A token client is who its token says: `sub` is its username (a username in CONNECT is not
+/// proof of anything), the claims its attributes.
+fn token_principal(
+    principal: &mut Principal,
+    subject: Option<String>,
+    attributes: BTreeMap<String, String>,
+) {
+    principal.username = subject;
+    principal.attributes = attributes;
+}
+
+async fn ask_custom(
+    authn: &Authn,
+    connect: &Connect,
+    facts: &Facts<'_>,
+    principal: &mut Principal,
+) -> Result<(Credential, u64), ReasonCode> {
+    let custom = authn.custom.first().expect("caller checked");
+    let req = custom_request("connect", connect, facts, authn.port);
+    match custom.authenticate(&req).await {
+        Ok(allow) => {
+            principal.attributes = allow.attributes;
+            Ok((
+                Credential::Custom {
+                    endpoint: custom.endpoint().to_owned(),
+                },
+                allow.expires_at.map_or(0, unix_ms),
+            ))
+        }
+        Err(d) => {
+            tracing::info!(
+                client = facts.client_id,
+                reason = d.reason,
+                "custom authentication refused the client"
+            );
+            Err(ReasonCode(d.reason_code))
+        }
+    }
+}
+
+fn custom_request(
+    event: &'static str,
+    connect: &Connect,
+    facts: &Facts<'_>,
+    port: u16,
+) -> meridian_authn::CustomRequest {
+    meridian_authn::CustomRequest {
+        event,
+        client_id: facts.client_id.to_owned(),
+        username: connect.username.clone(),
+        password: connect.password.as_ref().map(|p| p.to_vec()),
+        authentication_method: connect.properties.authentication_method.clone(),
+        authentication_data: connect
+            .properties
+            .authentication_data
+            .as_ref()
+            .map(|d| d.to_vec()),
+        protocol_version: connect.protocol.level(),
+        remote_address: facts.peer.to_string(),
+        listener_port: port,
+        tls: facts
+            .tls
+            .map(|t| meridian_authn::CustomTls::new(t.sni.clone(), &t.peer_certificates)),
+    }
 }
 
 /// An Event Grid client reaching namespace `ns` by SNI: a certificate is required and must
@@ -633,7 +987,8 @@ async fn apply_locked(
             .unwrap_or_default();
         return Err(reject(generation, &first, invalid.to_string()));
     }
-    let (planned, namespaces) = plan(&snap)?;
+    meridian_net::install_crypto_provider();
+    let (planned, namespaces) = plan(&snap, &shared.jwt_keys)?;
 
     // Bind every new or changed port before anything is swapped. A failure drops what was
     // bound so far (closing it) and leaves the node as it was.
@@ -983,9 +1338,14 @@ struct AuthnParts {
     has_x509: bool,
     x509_attributes: Vec<x509::AuthorizationAttributes>,
     ca_pem: String,
+    tokens: Vec<Arc<meridian_authn::TokenVerifier>>,
+    custom: Vec<Arc<meridian_authn::CustomAuthenticator>>,
 }
 
-fn authn_parts(a: &meridian_contract::AuthenticationPolicy) -> Result<AuthnParts, String> {
+fn authn_parts(
+    a: &meridian_contract::AuthenticationPolicy,
+    node_jwt_keys: &[String],
+) -> Result<AuthnParts, String> {
     let mut parts = AuthnParts::default();
     for (i, m) in a.methods.iter().enumerate() {
         match m {
@@ -1035,10 +1395,24 @@ fn authn_parts(a: &meridian_contract::AuthenticationPolicy) -> Result<AuthnParts
                         .map_err(|e| format!("methods[{i}] X509: {e}"))?,
                 );
             }
-            // Carried, not implemented on the node yet: they authenticate nobody (fail closed).
-            AuthenticationMethod::ServiceAccountToken(_)
-            | AuthenticationMethod::Custom(_)
-            | AuthenticationMethod::Svid(_) => {}
+            AuthenticationMethod::ServiceAccountToken(s) => {
+                let v = meridian_authn::TokenVerifier::new(s, node_jwt_keys)
+                    .map_err(|e| format!("methods[{i}] ServiceAccountToken: {e}"))?;
+                if !v.has_key_source() {
+                    tracing::warn!(
+                        authentication = a.name,
+                        "ServiceAccountToken method without keys, JWKS URL or node --jwt-key: it admits nobody"
+                    );
+                }
+                parts.tokens.push(Arc::new(v));
+            }
+            AuthenticationMethod::Custom(s) => {
+                let c = meridian_authn::CustomAuthenticator::new(s)
+                    .map_err(|e| format!("methods[{i}] Custom: {e}"))?;
+                parts.custom.push(Arc::new(c));
+            }
+            // Carried: nodes have no SPIFFE agent, so it authenticates nobody (fail closed).
+            AuthenticationMethod::Svid(_) => {}
             AuthenticationMethod::Unknown => {
                 return Err(format!("methods[{i}]: unknown authentication method"));
             }
@@ -1205,13 +1579,13 @@ fn name_source(s: &str) -> Option<x509::AuthenticationNameSource> {
 type Plan = (Vec<PlannedPort>, HashMap<String, Arc<NamespaceAuth>>);
 
 /// Everything the snapshot needs, parsed and compiled; nothing bound yet.
-fn plan(snap: &BrokerSnapshot) -> Result<Plan, Rejection> {
+fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejection> {
     let generation = snap.generation;
 
     // Authentication policies, by lower-case name.
     let mut authns: HashMap<String, AuthnParts> = HashMap::new();
     for a in &snap.authentications {
-        let parts = authn_parts(a).map_err(|e| reject(generation, &a.id, e))?;
+        let parts = authn_parts(a, node_jwt_keys).map_err(|e| reject(generation, &a.id, e))?;
         authns.insert(a.name.to_lowercase(), parts);
     }
 
@@ -1297,7 +1671,10 @@ fn plan(snap: &BrokerSnapshot) -> Result<Plan, Rejection> {
             // Authentication.
             let mut client_ca = String::new();
             let authn = if port.authentication_enabled {
-                let mut merged = Authn::default();
+                let mut merged = Authn {
+                    port: port.port,
+                    ..Authn::default()
+                };
                 for r in &port.authentication_refs {
                     let Some(parts) = authns.get(&r.to_lowercase()) else {
                         return Err(fail(format!("{at}: authentication '{r}' does not exist")));
@@ -1313,6 +1690,8 @@ fn plan(snap: &BrokerSnapshot) -> Result<Plan, Rejection> {
                     merged
                         .x509_attributes
                         .extend(parts.x509_attributes.iter().cloned());
+                    merged.tokens.extend(parts.tokens.iter().cloned());
+                    merged.custom.extend(parts.custom.iter().cloned());
                     client_ca.push_str(&parts.ca_pem);
                 }
                 client_ca.push_str(&namespace_cas);
