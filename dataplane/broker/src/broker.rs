@@ -86,6 +86,42 @@ pub(crate) struct ConnOut {
     /// Set for connections accepted on a snapshot listener: their principal and port, checked
     /// on every PUBLISH/SUBSCRIBE and re-checked when a new snapshot is applied.
     pub(crate) guard: Option<Arc<crate::live::Guard>>,
+    /// The client sent Request Problem Information = 0: no Reason String or User Properties on
+    /// any packet but PUBLISH, CONNACK and DISCONNECT ([MQTT-3.1.2-29]).
+    pub(crate) no_problem_info: bool,
+}
+
+/// A copy of `p` without Reason String and User Properties, when `p` is a packet that may not
+/// carry them for a client that asked for no problem information; `None` when `p` can go as is.
+fn without_problem_info(p: &Packet) -> Option<Packet> {
+    fn props(p: &mut Packet) -> Option<&mut meridian_codec::Properties> {
+        match p {
+            Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+                Some(&mut r.properties)
+            }
+            Packet::SubAck(s) => Some(&mut s.properties),
+            Packet::UnsubAck(u) => Some(&mut u.properties),
+            Packet::Auth(a) => Some(&mut a.properties),
+            _ => None,
+        }
+    }
+    let needs = match p {
+        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+            &r.properties
+        }
+        Packet::SubAck(s) => &s.properties,
+        Packet::UnsubAck(u) => &u.properties,
+        Packet::Auth(a) => &a.properties,
+        _ => return None,
+    };
+    if needs.reason_string.is_none() && needs.user_properties.is_empty() {
+        return None;
+    }
+    let mut q = p.clone();
+    let pr = props(&mut q)?;
+    pr.reason_string = None;
+    pr.user_properties.clear();
+    Some(q)
 }
 
 /// The subscriber's session queue is above its high-water mark.
@@ -107,6 +143,7 @@ impl ConnOut {
             drained,
             stuck: AtomicBool::new(false),
             guard: None,
+            no_problem_info: false,
         }
     }
 
@@ -137,6 +174,15 @@ impl ConnOut {
 
     /// Encode a packet into the outbox (the caller wakes the writer).
     pub(crate) fn push(&self, p: &Packet) {
+        if self.no_problem_info
+            && let Some(stripped) = without_problem_info(p)
+        {
+            return self.push_encoded(&stripped);
+        }
+        self.push_encoded(p);
+    }
+
+    fn push_encoded(&self, p: &Packet) {
         let mut b = self.buf.lock();
         if let Err(e) = meridian_codec::encode(p, self.protocol, &mut b) {
             tracing::warn!("cannot encode outbound packet: {e}");

@@ -270,6 +270,8 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
     // 4. Attach to (or create) the session; kick a connection that holds it.
     let mut out = ConnOut::new(protocol, shared.drained.clone());
     out.guard = guard;
+    out.no_problem_info =
+        protocol == Protocol::V5 && connect.properties.request_problem_information == Some(0);
     let out = Arc::new(out);
     let (handle, session_present, generation) =
         attach(&shared, &client_id, connect.clean_start, expiry);
@@ -1230,13 +1232,19 @@ impl Conn {
             } else {
                 ReasonCode::SUCCESS
             };
+            // Says which topic (v5; dropped for clients that asked for no problem information).
+            let properties = Properties {
+                reason_string: (self.protocol == Protocol::V5)
+                    .then(|| format!("not authorized to publish to '{}'", p.topic)),
+                ..Default::default()
+            };
             match qos {
                 QoS::AtMostOnce => {}
                 QoS::AtLeastOnce => self.ack_after(
                     Packet::PubAck(PubResponse {
                         packet_id: pid,
                         reason_code: code,
-                        ..Default::default()
+                        properties,
                     }),
                     true,
                     Vec::new(),
@@ -1250,7 +1258,7 @@ impl Conn {
                         Packet::PubRec(PubResponse {
                             packet_id: pid,
                             reason_code: code,
-                            ..Default::default()
+                            properties,
                         }),
                         false,
                         Vec::new(),
@@ -1394,10 +1402,24 @@ impl Conn {
             };
             self.shared.event("subscribed", body);
         }
+        // v5: a reason string names the refused filters (dropped for clients that asked for no
+        // problem information).
+        let refused: Vec<&str> = s
+            .filters
+            .iter()
+            .zip(&codes)
+            .filter(|(_, c)| c.is_error())
+            .map(|(f, _)| f.filter.as_str())
+            .collect();
+        let properties = Properties {
+            reason_string: (self.protocol == Protocol::V5 && !refused.is_empty())
+                .then(|| format!("refused filters: {}", refused.join(", "))),
+            ..Default::default()
+        };
         let ack = Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reason_codes: codes,
-            properties: Properties::default(),
+            properties,
         });
         self.ack_after(ack, false, commits);
         // Retained messages follow the SUBACK.

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use meridian_codec::{
-    Disconnect, Packet, Properties, Protocol, PubResponse, Publish, QoS, ReasonCode,
-    SubscriptionOptions, Will,
+    Disconnect, Packet, Properties, Protocol, PubResponse, Publish, QoS, ReasonCode, Subscribe,
+    SubscribeFilter, SubscriptionOptions, Will,
 };
 
 fn publish(topic: &str, payload: &'static [u8], qos: QoS, pid: u16, retain: bool) -> Packet {
@@ -663,6 +663,80 @@ async fn acl_file_denies_publish_and_subscribe() {
     c.send(publish("open/t", b"x", QoS::AtLeastOnce, 6, false))
         .await;
     assert!(c.recv_publish().await.is_some());
+    b.shutdown().await;
+}
+
+/// Refusals carry a reason string naming the topic or filters, unless the client sent Request
+/// Problem Information = 0 ([MQTT-3.1.2-29]: then none on PUBACK/SUBACK).
+#[tokio::test]
+async fn refusals_say_why_unless_the_client_requested_no_problem_information() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "deny subscribe secret/#\nallow subscribe #\nallow publish open/#\n",
+    )
+    .unwrap();
+    let mut config = cfg();
+    config.acl_file = Some(acl);
+    let (b, addr) = start(config).await;
+    for (rpi, expect_reason) in [(None, true), (Some(1), true), (Some(0), false)] {
+        let mut cp = connect_packet("rpi", Protocol::V5);
+        cp.properties.request_problem_information = rpi;
+        let (mut c, ack) = Raw::connect_with(addr, cp).await;
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+        c.send(Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: ["open/#", "secret/a", "secret/b"]
+                .iter()
+                .map(|f| SubscribeFilter {
+                    filter: (*f).to_string(),
+                    options: SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+            properties: Properties::default(),
+        }))
+        .await;
+        match c.recv().await {
+            Some(Packet::SubAck(s)) => {
+                assert_eq!(
+                    s.reason_codes.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    [1, 0x87, 0x87]
+                );
+                let why = s.properties.reason_string;
+                if expect_reason {
+                    assert_eq!(
+                        why.as_deref(),
+                        Some("refused filters: secret/a, secret/b"),
+                        "rpi {rpi:?}"
+                    );
+                } else {
+                    assert_eq!(why, None, "rpi 0: no reason string on SUBACK");
+                }
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+        c.send(publish("closed/t", b"x", QoS::AtLeastOnce, 5, false))
+            .await;
+        match c.recv().await {
+            Some(Packet::PubAck(r)) => {
+                assert_eq!(r.reason_code, ReasonCode::NOT_AUTHORIZED);
+                let why = r.properties.reason_string;
+                if expect_reason {
+                    assert_eq!(
+                        why.as_deref(),
+                        Some("not authorized to publish to 'closed/t'")
+                    );
+                } else {
+                    assert_eq!(why, None, "rpi 0: no reason string on PUBACK");
+                }
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
     b.shutdown().await;
 }
 
