@@ -53,6 +53,11 @@ struct DevArgs {
     /// Subscription the printed Owner token is scoped to.
     #[arg(long, default_value = "00000000-0000-0000-0000-000000000000")]
     subscription: String,
+    /// ARM id of the broker resource the in-process node serves (default: instance `dev`,
+    /// broker `default` in resource group `rg` of --subscription). Its listeners,
+    /// authentications and authorizations are applied live to the node, bound on 127.0.0.1.
+    #[arg(long)]
+    broker_id: Option<String>,
 }
 
 fn init_tracing() {
@@ -110,6 +115,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         data_dir: Some(args.data_dir.join("broker")),
         admin: Some(args.broker_admin),
         allow_anonymous: true,
+        // Ports from broker listener resources: local only, like everything `dev` opens.
+        snapshot_listener_host: Some("127.0.0.1".into()),
         ..Default::default()
     };
     let broker = meridian_broker::Broker::start(broker_args.into_config()?)
@@ -124,6 +131,17 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .context("starting the control plane (change --api-listen)")?;
     let scope = format!("/subscriptions/{}", args.subscription);
     let token = api.token(meridian_api::auth::Role::Owner, &scope)?;
+    // The same contract as remote nodes, in-process: the control plane pushes the broker's
+    // snapshots to this node through `SnapshotSink` (no HTTP, no node token).
+    let broker_id = args.broker_id.clone().unwrap_or_else(|| {
+        format!(
+            "/subscriptions/{}/resourceGroups/rg/providers/Microsoft.IoTOperations/instances/dev/brokers/default",
+            args.subscription
+        )
+    });
+    api.nodes
+        .register_local("dev", &broker_id, std::sync::Arc::new(broker.handle()))
+        .with_context(|| format!("--broker-id {broker_id}"))?;
 
     println!("Meridian dev is running (Ctrl-C to stop)");
     for (transport, addr) in broker.listener_addrs() {
@@ -141,6 +159,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!("  subscription:    {}", args.subscription);
+    println!("  broker resource: {broker_id}   (node \"dev\", in-process)");
     println!("  Owner token:     {token}");
     println!(
         "  try: curl --cacert {} -H \"Authorization: Bearer $TOKEN\" '{}/subscriptions/{}/resourceGroups/rg/providers/Microsoft.EventGrid/namespaces?api-version=2025-02-15'",
