@@ -133,6 +133,8 @@ pub(crate) struct Guard {
     pub(crate) expires_at_ms: AtomicU64,
     /// The client's address (for custom re-authentication).
     peer: SocketAddr,
+    /// This connection's recent PUBLISH/SUBSCRIBE decisions (see [`allows`]).
+    decisions: Mutex<DecisionCache>,
     /// Why the node is closing this connection (sent as the DISCONNECT reason string).
     revoked: Mutex<Option<String>>,
 }
@@ -362,6 +364,9 @@ pub struct SnapshotListener {
 /// The node's live-configuration state, owned by [`Shared`].
 pub(crate) struct Live {
     state: RwLock<Arc<LiveState>>,
+    /// Bumped after every swap of `state`: connections' cached decisions of an older epoch are
+    /// void.
+    epoch: AtomicU64,
     /// Open snapshot ports; the lock also serializes applies.
     open: tokio::sync::Mutex<HashMap<PortKey, OpenPort>>,
     /// Mirror of `open` for synchronous readers.
@@ -392,6 +397,7 @@ impl Live {
         };
         Live {
             state: RwLock::new(Arc::new(LiveState::default())),
+            epoch: AtomicU64::new(0),
             open: tokio::sync::Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
             errors: Mutex::new(VecDeque::new()),
@@ -444,14 +450,61 @@ impl Live {
     }
 }
 
+/// How many recent decisions a connection remembers.
+const DECISIONS_CACHED: usize = 8;
+
+/// A connection's recent decisions. A decision depends only on the principal (fixed for the
+/// connection), the action, the topic and the policy in force, so it stays exact until the next
+/// swap, which bumps [`Live::epoch`] and voids the cache.
+#[derive(Debug, Default)]
+struct DecisionCache {
+    epoch: u64,
+    entries: Vec<(Action, Box<str>, bool)>,
+    /// The entry the next miss replaces once the cache is full.
+    next: usize,
+}
+
 /// May the guarded connection do `action` on `topic` under the current policy? The hot path:
-/// one read lock, one hash lookup, no allocation.
+/// an atomic load, an uncontended lock and a few string compares when the connection asked the
+/// same question since the last swap (publishers mostly repeat their topics); otherwise one read
+/// lock, one hash lookup and the engine's allocation-free decision.
 pub(crate) fn allows(shared: &Shared, guard: &Guard, action: Action, topic: &str) -> bool {
-    let state = shared.live.state.read();
-    state
-        .ports
-        .get(&guard.slot)
-        .is_some_and(|p| p.allows(&guard.principal, action, topic))
+    // Loaded before the state is read: a decision computed from a newer state is at worst
+    // tagged with an older epoch (and dropped at the next check), never the other way round.
+    let epoch = shared.live.epoch.load(Ordering::Acquire);
+    {
+        let mut c = guard.decisions.lock();
+        if c.epoch != epoch {
+            c.entries.clear();
+            c.next = 0;
+            c.epoch = epoch;
+        } else if let Some(&(_, _, allowed)) = c
+            .entries
+            .iter()
+            .find(|(a, t, _)| *a == action && **t == *topic)
+        {
+            return allowed;
+        }
+    }
+    let allowed = {
+        let state = shared.live.state.read();
+        state
+            .ports
+            .get(&guard.slot)
+            .is_some_and(|p| p.allows(&guard.principal, action, topic))
+    };
+    let mut c = guard.decisions.lock();
+    if c.epoch == epoch {
+        let entry = (action, Box::<str>::from(topic), allowed);
+        if c.entries.len() < DECISIONS_CACHED {
+            c.entries.push(entry);
+        } else {
+            let i = c.next;
+            c.entries[i] = entry;
+            c.next = (i + 1) % DECISIONS_CACHED;
+        }
+    }
+    allowed
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -521,6 +574,7 @@ pub(crate) async fn admit(
         auth_method: method,
         expires_at_ms: AtomicU64::new(expires_at_ms),
         peer,
+        decisions: Mutex::new(DecisionCache::default()),
         revoked: Mutex::new(None),
     }))
 }
@@ -1058,6 +1112,7 @@ async fn apply_locked(
         namespaces,
     });
     *shared.live.state.write() = new_state.clone();
+    shared.live.epoch.fetch_add(1, Ordering::AcqRel);
 
     // Removed ports stop accepting; their connections are closed by `enforce` below.
     let wanted: std::collections::HashSet<&PortKey> = metas.iter().map(|m| &m.0).collect();

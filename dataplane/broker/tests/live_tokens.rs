@@ -539,3 +539,50 @@ async fn a_custom_https_server_decides_adds_attributes_and_a_timeout_fails_close
     );
     b.shutdown().await;
 }
+
+/// Decisions are cached per connection; a swap voids them: a topic allowed a moment ago is
+/// refused right after a snapshot forbids it (and allowed again after the next one), on the
+/// same connection.
+#[tokio::test]
+async fn cached_publish_decisions_follow_every_swap() {
+    let (b, _) = start(cfg()).await;
+    let rules = |topic: &str| {
+        json!([{"principals": {"clientIds": ["cache-1"]},
+                "brokerResources": [{"method": "Connect"}, {"method": "Publish", "topics": [topic]}]}])
+    };
+    let snap = |generation: u64, topic: &str| {
+        BrokerSnapshot::from_value(json!({
+            "schemaVersion": 1, "brokerId": BROKER, "generation": generation,
+            "listeners": [{"id": id("listeners", "main"), "name": "main", "ports": [
+                {"port": 0, "protocol": "Mqtt", "authorizationEnabled": true, "authorizationRefs": ["authz"]}]}],
+            "authorizations": [{"id": id("authorizations", "authz"), "name": "authz", "rules": rules(topic)}],
+        }))
+        .unwrap()
+    };
+    b.apply_snapshot(snap(1, "a/#")).await.expect("applied");
+    let addr = b.snapshot_listeners()[0].addr;
+    let mut c = Raw::connect(addr, "cache-1", Protocol::V5).await;
+    for pid in 1..=3 {
+        assert_eq!(publish_qos1(&mut c, "a/1", pid).await, 0x10);
+    }
+    assert_eq!(publish_qos1(&mut c, "b/1", 4).await, 0x87);
+    b.apply_snapshot(snap(2, "b/#")).await.expect("applied");
+    assert_eq!(
+        publish_qos1(&mut c, "a/1", 5).await,
+        0x87,
+        "a cached allow must not survive the swap"
+    );
+    assert_eq!(
+        publish_qos1(&mut c, "b/1", 6).await,
+        0x10,
+        "a cached deny must not survive the swap"
+    );
+    b.apply_snapshot(snap(3, "a/#")).await.expect("applied");
+    assert_eq!(publish_qos1(&mut c, "a/1", 7).await, 0x10);
+    // More distinct topics than the cache holds: each still decided correctly.
+    for i in 0..20u16 {
+        assert_eq!(publish_qos1(&mut c, &format!("a/{i}"), 100 + i).await, 0x10);
+        assert_eq!(publish_qos1(&mut c, &format!("c/{i}"), 200 + i).await, 0x87);
+    }
+    b.shutdown().await;
+}
