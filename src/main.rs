@@ -34,6 +34,16 @@ enum Command {
     Apply(meridian_api::deployments::cli::ApplyArgs),
     /// Print the control plane's OpenAPI document.
     Openapi,
+    /// Authorization tools.
+    #[command(subcommand)]
+    Authz(AuthzCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthzCommand {
+    /// May client C publish/subscribe/connect on broker B, and which rule or binding decides?
+    /// Exit status: 0 allowed, 1 denied, 2 error.
+    Explain(meridian_api::explain::ExplainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +104,23 @@ fn main() -> anyhow::Result<()> {
                 let result = meridian_api::deployments::cli::run_apply(&args).await?;
                 println!("{}", serde_json::to_string_pretty(&result)?);
                 Ok(())
+            }
+            Command::Authz(AuthzCommand::Explain(args)) => {
+                match meridian_api::explain::run_explain(&args).await {
+                    Ok(answer) => {
+                        if args.json {
+                            println!("{}", serde_json::to_string_pretty(&answer)?);
+                        } else {
+                            print!("{}", meridian_api::explain::render_explanation(&answer));
+                        }
+                        let allowed = answer["allowed"].as_bool().unwrap_or(false);
+                        std::process::exit(if allowed { 0 } else { 1 });
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        std::process::exit(2);
+                    }
+                }
             }
             Command::Openapi => {
                 println!("{}", meridian_api::openapi::current_json());

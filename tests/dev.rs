@@ -178,3 +178,101 @@ async fn dev_applies_a_broker_listener_resource_to_its_in_process_node() {
         .find(|n| n["nodeId"] == "dev");
     assert!(dev_node.is_some(), "{nodes}");
 }
+
+/// `meridian authz explain` against the control plane of `meridian dev`: exit 0 with ALLOW and
+/// the deciding rule, 1 with DENY, 2 with the ARM error for a broker that does not exist.
+#[tokio::test]
+async fn authz_explain_cli_answers_allow_deny_and_errors() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(dir.path());
+    let http = reqwest::Client::builder()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(&std::fs::read(&dev.ca).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let broker = dev.broker_id.clone();
+    let instance = broker.rsplit_once("/brokers/").unwrap().0.to_owned();
+    let rg = instance.split("/providers/").next().unwrap().to_owned();
+    let cl = json!({"name": format!("{rg}/providers/Microsoft.ExtendedLocation/customLocations/edge"), "type": "CustomLocation"});
+    for (id, body) in [
+        (
+            instance.clone(),
+            json!({"location": "westeurope", "extendedLocation": cl, "properties": {
+            "schemaRegistryRef": {"resourceId": format!("{rg}/providers/Microsoft.DeviceRegistry/schemaRegistries/sr")}}}),
+        ),
+        (
+            broker.clone(),
+            json!({"extendedLocation": cl, "properties": {}}),
+        ),
+        (
+            format!("{broker}/authorizations/plant"),
+            json!({"extendedLocation": cl, "properties": {"authorizationPolicies": {"rules": [
+            {"principals": {"attributes": [{"site": "plant-1"}]},
+             "brokerResources": [{"method": "Connect"}, {"method": "Publish", "topics": ["site/{principal.attributes.site}/#"]}]}]}}}),
+        ),
+    ] {
+        let r = http
+            .put(format!("{}{id}?api-version=2024-11-01", dev.base_url))
+            .bearer_auth(&dev.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "PUT {id}: {}",
+            r.text().await.unwrap()
+        );
+    }
+    let explain = |extra: &[&str], broker: &str| {
+        let out = meridian()
+            .args([
+                "authz",
+                "explain",
+                "--url",
+                &dev.base_url,
+                "--token",
+                &dev.token,
+                "--ca-file",
+                &dev.ca,
+            ])
+            .args([
+                "--broker",
+                broker,
+                "--client-id",
+                "pump-7",
+                "--attr",
+                "site=plant-1",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = explain(&["--publish", "site/plant-1/temp"], &broker);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("ALLOW Publish site/plant-1/temp"), "{out}");
+    assert!(
+        out.contains("plant"),
+        "names the deciding authorization: {out}"
+    );
+    let (code, out, _) = explain(&["--publish", "site/plant-2/temp"], &broker);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("DENY"), "{out}");
+    let (code, out, _) = explain(&["--publish", "site/plant-1/t", "--json"], &broker);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).expect("--json prints the answer");
+    assert_eq!(v["allowed"], true);
+    let (code, _, err) = explain(&["--connect"], &format!("{instance}/brokers/absent"));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("ResourceNotFound"), "{err}");
+    let (code, _, err) = explain(&[], &broker);
+    assert_eq!(code, Some(2), "no question asked");
+    assert!(err.contains("--publish"), "{err}");
+}

@@ -139,6 +139,7 @@ pub fn app_with_nodes(state: AppState, nodes: crate::nodes::NodeRegistry) -> Rou
     base(state.clone())
         .merge(crate::deployments::deployments_router(state.clone()))
         .merge(crate::nodes::routes::router(state.clone(), nodes))
+        .merge(crate::explain::router(state.clone()))
         .layer(middleware::from_fn_with_state(state, observe))
 }
 
@@ -216,7 +217,7 @@ pub fn route_template(path: &str) -> String {
             path.to_owned()
         }
         Err(_) if path.starts_with("/docs") => "/docs".to_owned(),
-        Err(_) if path == "/meridian/nodes" => path.to_owned(),
+        Err(_) if path == "/meridian/nodes" || path == "/meridian/authz/explain" => path.to_owned(),
         Err(_) if path.starts_with("/meridian/nodes/") => "/meridian/nodes/{nodeId}".to_owned(),
         Err(_) => "other".to_owned(),
     }

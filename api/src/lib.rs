@@ -11,6 +11,7 @@ pub mod compile;
 pub mod deployments;
 pub mod engine;
 pub mod error;
+pub mod explain;
 pub mod http;
 pub mod nodes;
 pub mod openapi;

@@ -420,6 +420,47 @@ fn node_paths(
                 .required("reportIntervalSeconds"),
         )
         .schema(
+            "ExplainRequest",
+            ObjectBuilder::new()
+                .description(Some("May this client do this on this broker, and which rule or binding decides?"))
+                .property("brokerId", string("ARM id of the broker (IoT Operations or MQ 2023)."))
+                .property("clientId", string("The MQTT client identifier."))
+                .property("username", string("The authenticated username (password user, certificate CN, token sub)."))
+                .property(
+                    "attributes",
+                    ObjectBuilder::new()
+                        .additional_properties(Some(ObjectBuilder::new().schema_type(SchemaType::Type(Type::String))))
+                        .description(Some("Attributes from authentication (IoT Operations rules).")),
+                )
+                .property("namespace", string("An Event Grid namespace bound to the broker: judge the client by its bindings."))
+                .property("authenticationName", string("Event Grid authentication name (default: clientId)."))
+                .property(
+                    "action",
+                    ObjectBuilder::new()
+                        .schema_type(SchemaType::Type(Type::String))
+                        .enum_values(Some(["Connect", "Publish", "Subscribe"])),
+                )
+                .property("topic", string("Topic (Publish) or filter (Subscribe); ignored for Connect."))
+                .property(
+                    "authorizations",
+                    ArrayBuilder::new().items(ObjectBuilder::new().schema_type(SchemaType::Type(Type::String))),
+                )
+                .required("brokerId")
+                .required("clientId")
+                .required("action"),
+        )
+        .schema(
+            "ExplainAnswer",
+            ObjectBuilder::new()
+                .description(Some("The decision and the reasoning: every rule or binding that could bear on the request and why it did or did not grant it."))
+                .property("allowed", ObjectBuilder::new().schema_type(SchemaType::Type(Type::Boolean)))
+                .property("brokerId", string("The broker."))
+                .property("principal", ObjectBuilder::new().description(Some("Who was judged.")))
+                .property("explanation", ObjectBuilder::new().description(Some("action, topic, decision {allowed, by, reason}, considered [{rule, outcome, detail}].")))
+                .required("allowed")
+                .required("explanation"),
+        )
+        .schema(
             "NodeView",
             ObjectBuilder::new()
                 .description(Some("The control plane's view of one node."))
@@ -483,8 +524,31 @@ fn node_paths(
             "200",
             json_response("The nodes", Ref::from_schema_name("NodeList").into()),
         )
+        .response("default", error.clone());
+    let explain = OperationBuilder::new()
+        .tag("Meridian authorization")
+        .operation_id(Some("Authorization_Explain"))
+        .summary(Some("Explain an authorization decision"))
+        .description(Some("Compiles the broker's desired state exactly as it is pushed to nodes and answers whether the client may connect, publish or subscribe, naming the deciding rule or binding. Needs Reader on the broker's scope."))
+        .request_body(Some(
+            RequestBodyBuilder::new()
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ExplainRequest")))
+                        .build(),
+                )
+                .required(Some(utoipa::openapi::Required::True))
+                .build(),
+        ))
+        .security(SecurityRequirement::new::<_, _, String>("bearer", []))
+        .response("200", json_response("The decision", Ref::from_schema_name("ExplainAnswer").into()))
         .response("default", error);
     let paths = paths
+        .path(
+            "/meridian/authz/explain",
+            PathItem::new(HttpMethod::Post, explain),
+        )
         .path("/meridian/nodes", PathItem::new(HttpMethod::Get, list))
         .path(
             "/meridian/nodes/{nodeId}",

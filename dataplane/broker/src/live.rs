@@ -53,9 +53,8 @@ use std::time::{Duration, Instant};
 
 use meridian_codec::{Connect, ReasonCode};
 use meridian_contract::{
-    Applied, AuthenticationMethod, AuthorizationPolicy, BrokerMethod, BrokerSnapshot, ClientState,
-    EventGridNamespace, NodeError, NodeHealth, NodeReport, PermissionType, Protocol, Rejection,
-    ServerCertificate, SnapshotSink, ValidationScheme, node::ApplyFuture,
+    Applied, AuthenticationMethod, BrokerSnapshot, NodeError, NodeHealth, NodeReport, Protocol,
+    Rejection, ServerCertificate, SnapshotSink, node::ApplyFuture,
 };
 use meridian_net::{ListenerSpec, NetError, TlsFiles, TlsInfo, Transport};
 use meridian_policy::model as pm;
@@ -1476,149 +1475,6 @@ fn authn_parts(
     Ok(parts)
 }
 
-fn iot_model(a: &AuthorizationPolicy) -> Result<pm::IotAuthorization, String> {
-    let mut rules = Vec::with_capacity(a.rules.len());
-    for (i, r) in a.rules.iter().enumerate() {
-        let mut resources = Vec::with_capacity(r.broker_resources.len());
-        for (j, b) in r.broker_resources.iter().enumerate() {
-            let method = match b.method {
-                BrokerMethod::Connect => pm::BrokerMethod::Connect,
-                BrokerMethod::Publish => pm::BrokerMethod::Publish,
-                BrokerMethod::Subscribe => pm::BrokerMethod::Subscribe,
-                BrokerMethod::Unknown => {
-                    return Err(format!("rules[{i}].brokerResources[{j}]: unknown method"));
-                }
-            };
-            resources.push(pm::BrokerResourceRule {
-                method,
-                client_ids: b.client_ids.clone(),
-                topics: b.topics.clone(),
-            });
-        }
-        rules.push(pm::AuthorizationRule {
-            principals: pm::PrincipalDefinition {
-                client_ids: r.principals.client_ids.clone(),
-                usernames: r.principals.usernames.clone(),
-                attributes: r.principals.attributes.clone(),
-            },
-            broker_resources: resources,
-        });
-    }
-    Ok(pm::IotAuthorization {
-        name: a.name.clone(),
-        rules,
-    })
-}
-
-/// A namespace as the policy model sees it; errors name the child resource at fault.
-fn namespace_model(ns: &EventGridNamespace) -> Result<pm::EventGridNamespace, (String, String)> {
-    let mut clients = Vec::with_capacity(ns.clients.len());
-    for c in &ns.clients {
-        let mut attributes = BTreeMap::new();
-        for (k, v) in &c.attributes {
-            let value: pm::AttributeValue = serde_json::from_value(v.clone()).map_err(|_| {
-                (
-                    c.id.clone(),
-                    format!("attribute '{k}' must be a string, integer, boolean or string array"),
-                )
-            })?;
-            attributes.insert(k.clone(), value);
-        }
-        let state = match c.state {
-            ClientState::Enabled => pm::ClientState::Enabled,
-            ClientState::Disabled => pm::ClientState::Disabled,
-            ClientState::Unknown => return Err((c.id.clone(), "unknown client state".into())),
-        };
-        let cert = match &c.certificate_authentication {
-            None => None,
-            Some(a) => Some(x509::ClientCertificateAuthentication {
-                validation_scheme: match a.validation_scheme {
-                    None | Some(ValidationScheme::SubjectMatchesAuthenticationName) => {
-                        x509::ValidationScheme::SubjectMatchesAuthenticationName
-                    }
-                    Some(ValidationScheme::DnsMatchesAuthenticationName) => {
-                        x509::ValidationScheme::DnsMatchesAuthenticationName
-                    }
-                    Some(ValidationScheme::UriMatchesAuthenticationName) => {
-                        x509::ValidationScheme::UriMatchesAuthenticationName
-                    }
-                    Some(ValidationScheme::IpMatchesAuthenticationName) => {
-                        x509::ValidationScheme::IpMatchesAuthenticationName
-                    }
-                    Some(ValidationScheme::EmailMatchesAuthenticationName) => {
-                        x509::ValidationScheme::EmailMatchesAuthenticationName
-                    }
-                    Some(ValidationScheme::ThumbprintMatch) => {
-                        x509::ValidationScheme::ThumbprintMatch
-                    }
-                    Some(ValidationScheme::Unknown) => {
-                        return Err((c.id.clone(), "unknown validation scheme".into()));
-                    }
-                },
-                allowed_thumbprints: a.allowed_thumbprints.clone(),
-            }),
-        };
-        clients.push(pm::EventGridClient {
-            name: c.name.clone(),
-            authentication_name: Some(c.authentication_name.clone()),
-            state,
-            attributes,
-            client_certificate_authentication: cert,
-        });
-    }
-    let mut bindings = Vec::with_capacity(ns.permission_bindings.len());
-    for b in &ns.permission_bindings {
-        bindings.push(pm::PermissionBinding {
-            name: b.name.clone(),
-            client_group_name: b.client_group_name.clone(),
-            topic_space_name: b.topic_space_name.clone(),
-            permission: match b.permission {
-                PermissionType::Publisher => pm::Permission::Publisher,
-                PermissionType::Subscriber => pm::Permission::Subscriber,
-                PermissionType::Unknown => {
-                    return Err((b.id.clone(), "unknown permission".into()));
-                }
-            },
-        });
-    }
-    Ok(pm::EventGridNamespace {
-        name: ns.name.clone(),
-        clients,
-        client_groups: ns
-            .client_groups
-            .iter()
-            .map(|g| pm::ClientGroup {
-                name: g.name.clone(),
-                query: g.query.clone(),
-            })
-            .collect(),
-        topic_spaces: ns
-            .topic_spaces
-            .iter()
-            .map(|t| pm::TopicSpace {
-                name: t.name.clone(),
-                topic_templates: t.topic_templates.clone(),
-            })
-            .collect(),
-        permission_bindings: bindings,
-    })
-}
-
-/// The child of `ns` a compile error is about: the one whose quoted name the error mentions
-/// (client groups, topic spaces and bindings first), else the namespace.
-fn namespace_culprit(ns: &EventGridNamespace, error: &str) -> String {
-    let named = |name: &str| error.contains(&format!("{name:?}"));
-    ns.client_groups
-        .iter()
-        .map(|g| (&g.id, &g.name))
-        .chain(ns.topic_spaces.iter().map(|t| (&t.id, &t.name)))
-        .chain(ns.permission_bindings.iter().map(|b| (&b.id, &b.name)))
-        .chain(ns.clients.iter().map(|c| (&c.id, &c.name)))
-        .find(|(_, name)| named(name))
-        .map(|(id, _)| id.clone())
-        .unwrap_or_else(|| ns.id.clone())
-}
-
 fn name_source(s: &str) -> Option<x509::AuthenticationNameSource> {
     use x509::AuthenticationNameSource as S;
     Some(match s {
@@ -1647,7 +1503,7 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
     // Authorization policies, each compiled alone so an error names its resource.
     let mut authzs: HashMap<String, pm::IotAuthorization> = HashMap::new();
     for a in &snap.authorizations {
-        let model = iot_model(a).map_err(|e| reject(generation, &a.id, e))?;
+        let model = meridian_policy::snapshot::iot_authorization(a).map_err(|e| reject(generation, &a.id, e))?;
         PolicyEngine::compile(&PolicyModel {
             iot_operations: vec![model.clone()],
             event_grid: Vec::new(),
@@ -1680,14 +1536,14 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
         if !ns.topic_spaces_enabled {
             continue;
         }
-        let model = namespace_model(ns).map_err(|(id, e)| reject(generation, &id, e))?;
+        let model = meridian_policy::snapshot::event_grid_namespace(ns).map_err(|(id, e)| reject(generation, &id, e))?;
         PolicyEngine::compile(&PolicyModel {
             iot_operations: Vec::new(),
             event_grid: vec![model.clone()],
         })
         .map_err(|e| {
             let msg = e.to_string();
-            reject(generation, &namespace_culprit(ns, &msg), msg)
+            reject(generation, &meridian_policy::snapshot::namespace_culprit(ns, &msg), msg)
         })?;
         let mut sources = Vec::new();
         for s in &ns.alternative_authentication_name_sources {

@@ -38,6 +38,7 @@ mod engine;
 mod error;
 pub mod model;
 pub mod query;
+pub mod snapshot;
 mod template;
 pub mod topic;
 pub mod x509;
