@@ -1503,7 +1503,8 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
     // Authorization policies, each compiled alone so an error names its resource.
     let mut authzs: HashMap<String, pm::IotAuthorization> = HashMap::new();
     for a in &snap.authorizations {
-        let model = meridian_policy::snapshot::iot_authorization(a).map_err(|e| reject(generation, &a.id, e))?;
+        let model = meridian_policy::snapshot::iot_authorization(a)
+            .map_err(|e| reject(generation, &a.id, e))?;
         PolicyEngine::compile(&PolicyModel {
             iot_operations: vec![model.clone()],
             event_grid: Vec::new(),
@@ -1536,14 +1537,19 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
         if !ns.topic_spaces_enabled {
             continue;
         }
-        let model = meridian_policy::snapshot::event_grid_namespace(ns).map_err(|(id, e)| reject(generation, &id, e))?;
+        let model = meridian_policy::snapshot::event_grid_namespace(ns)
+            .map_err(|(id, e)| reject(generation, &id, e))?;
         PolicyEngine::compile(&PolicyModel {
             iot_operations: Vec::new(),
             event_grid: vec![model.clone()],
         })
         .map_err(|e| {
             let msg = e.to_string();
-            reject(generation, &meridian_policy::snapshot::namespace_culprit(ns, &msg), msg)
+            reject(
+                generation,
+                &meridian_policy::snapshot::namespace_culprit(ns, &msg),
+                msg,
+            )
         })?;
         let mut sources = Vec::new();
         for s in &ns.alternative_authentication_name_sources {
