@@ -350,7 +350,7 @@ class Mqtt:
         self.messages = []
         self.disconnected = None
         c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        protocol=mqtt.MQTTv5)
+                        protocol=mqtt.MQTTv5, reconnect_on_failure=False)
         c.on_connect = self._on_connect
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
