@@ -246,6 +246,15 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         None => None,
     };
     drop(tls);
+    // An Event Grid namespace client lives in its tenant's session space (`crate::tenant`).
+    let mqtt_client_id = client_id.clone();
+    let client_id: Arc<str> = match guard
+        .as_ref()
+        .and_then(|g| g.principal.namespace.as_deref())
+    {
+        Some(ns) => crate::tenant::session_key(ns, &client_id).into(),
+        None => client_id,
+    };
 
     // 3. Session expiry and keep alive.
     let requested_expiry = match protocol {
@@ -293,7 +302,7 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         // Enhanced authentication succeeded in one step: CONNACK names the method.
         props.authentication_method = out.guard.as_ref().and_then(|g| g.auth_method.clone());
         if connect.properties.request_response_information == Some(1) {
-            props.response_information = Some(format!("response/{client_id}"));
+            props.response_information = Some(format!("response/{mqtt_client_id}"));
         }
     }
     out.push(&Packet::ConnAck(ConnAck {
@@ -706,11 +715,15 @@ fn publish_will(
     }
     let mut properties = will.properties;
     properties.will_delay_interval = None;
+    let topic = match crate::tenant::namespace_of_key(client) {
+        Some(ns) => crate::tenant::internal(ns, &will.topic),
+        None => will.topic,
+    };
     let p = Publish {
         dup: false,
         qos: will.qos,
         retain: will.retain,
-        topic: will.topic,
+        topic,
         packet_id: 0,
         payload: will.payload,
         properties,
@@ -1268,6 +1281,9 @@ impl Conn {
             return Ok(());
         }
 
+        if let Some(ns) = crate::tenant::namespace_of_key(&self.client_id) {
+            p.topic = crate::tenant::internal(ns, &p.topic);
+        }
         let msg = Arc::new(Msg::from_publish(p, now_ms()));
         let mut commits = Vec::new();
         if msg.retain
@@ -1367,27 +1383,30 @@ impl Conn {
                 retain_handling: f.options.retain_handling,
                 subscription_id: sub_id,
             };
+            let filter = match crate::tenant::namespace_of_key(&self.client_id) {
+                Some(ns) => crate::tenant::internal_filter(ns, &f.filter),
+                None => f.filter.clone(),
+            };
             {
                 let mut inner = self.key.0.inner.lock();
                 let subs = &mut inner.session.subscriptions;
-                if !subs.contains_key(&f.filter)
-                    && subs.len() >= limits.max_subscriptions_per_client
+                if !subs.contains_key(&filter) && subs.len() >= limits.max_subscriptions_per_client
                 {
                     codes.push(ReasonCode::QUOTA_EXCEEDED);
                     continue;
                 }
-                subs.insert(f.filter.clone(), opts);
+                subs.insert(filter.clone(), opts);
             }
             let existed = self
                 .shared
                 .router
                 .write()
-                .subscribe(self.key.clone(), &f.filter, opts);
+                .subscribe(self.key.clone(), &filter, opts);
             codes.push(ReasonCode(f.options.qos as u8));
             let send_retained = shared_parts.is_none()
                 && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed));
             if send_retained {
-                retained_for.push((f.filter.clone(), opts));
+                retained_for.push((filter, opts));
             }
         }
         let mut commits = Vec::new();
@@ -1473,7 +1492,15 @@ impl Conn {
     fn on_unsubscribe(&mut self, u: Unsubscribe) -> Flow {
         let mut codes = Vec::with_capacity(u.filters.len());
         let mut handed = Vec::new();
-        for f in &u.filters {
+        for visible in &u.filters {
+            let internal;
+            let f = match crate::tenant::namespace_of_key(&self.client_id) {
+                Some(ns) => {
+                    internal = crate::tenant::internal_filter(ns, visible);
+                    &internal
+                }
+                None => visible,
+            };
             let existed = self.shared.router.write().unsubscribe(&self.key, f);
             {
                 let mut inner = self.key.0.inner.lock();
@@ -1499,7 +1526,7 @@ impl Conn {
             });
             self.shared.event(
                 "unsubscribed",
-                serde_json::json!({"client_id": &*self.client_id, "filter": f}),
+                serde_json::json!({"client_id": &*self.client_id, "filter": visible}),
             );
         }
         self.shared.redeliver_shared(&self.key, handed);

@@ -34,6 +34,7 @@ pub mod live;
 pub mod router;
 pub mod session;
 pub mod sys;
+mod tenant;
 
 pub use broker::{Broker, BrokerError, RunningBroker};
 pub use cli::{BrokerArgs, run_cli};

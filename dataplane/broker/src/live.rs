@@ -179,7 +179,10 @@ impl PortPolicy {
         Ok(None)
     }
 
+    /// `topic` may be a tenant's internal name (`crate::tenant`): policies are written, and
+    /// judged, in the names the client sent.
     fn allows(&self, p: &Principal, action: Action, topic: &str) -> bool {
+        let topic = &*crate::tenant::visible(topic);
         match self.engine_for(p) {
             Ok(None) => true,
             Ok(Some(e)) => match action {
@@ -302,11 +305,67 @@ struct PasswordEntry {
     attributes: BTreeMap<String, String>,
 }
 
-/// How clients of a bound namespace are named (for SNI admission).
-#[derive(Debug)]
+/// How clients of a bound namespace are named and whose certificates it trusts (for SNI
+/// admission).
 struct NamespaceAuth {
     name: String,
     sources: Vec<x509::AuthenticationNameSource>,
+    /// Verifies a client's chain against this namespace's own CA certificates. The TLS port
+    /// trusts the union of every bound namespace's CAs (it cannot know the tenant before the
+    /// handshake ends), so without this check a certificate issued by namespace A's CA would
+    /// pass as a client of namespace B with the same authentication name. `None`: the
+    /// namespace has no CA certificate and admits no certificate client.
+    trust: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl std::fmt::Debug for NamespaceAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamespaceAuth")
+            .field("name", &self.name)
+            .field("sources", &self.sources)
+            .field("trust", &self.trust.is_some())
+            .finish()
+    }
+}
+
+impl NamespaceAuth {
+    /// True when `chain` (leaf first, as presented) chains to one of this namespace's CAs.
+    fn trusts(&self, chain: &[Vec<u8>]) -> bool {
+        let (Some(trust), Some((leaf, rest))) = (&self.trust, chain.split_first()) else {
+            return false;
+        };
+        let leaf = CertificateDer::from(leaf.as_slice());
+        let intermediates: Vec<CertificateDer<'_>> = rest
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        trust
+            .verify_client_cert(&leaf, &intermediates, rustls_pki_types::UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// A client-certificate verifier over `cas` (DER trust anchors), with the provider the TLS
+/// layer uses.
+fn namespace_trust(
+    cas: &[CertificateDer<'static>],
+) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>, String> {
+    if cas.is_empty() {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(ca.clone())
+            .map_err(|e| format!("is not a usable trust anchor: {e}"))?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map(Some)
+    .map_err(|e| format!("cannot verify client certificates: {e}"))
 }
 
 /// What the last successful apply installed.
@@ -906,9 +965,14 @@ fn namespace_client(
     tls: Option<&TlsInfo>,
     principal: &mut Principal,
 ) -> Result<(), ReasonCode> {
-    let leaf = tls
-        .and_then(|t| t.peer_certificates.first())
-        .ok_or(ReasonCode::NOT_AUTHORIZED)?;
+    let chain = tls
+        .map(|t| t.peer_certificates.as_slice())
+        .unwrap_or_default();
+    let leaf = chain.first().ok_or(ReasonCode::NOT_AUTHORIZED)?;
+    if !ns.trusts(chain) {
+        // Issued by a CA of another namespace on this port: not a credential here.
+        return Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+    }
     let identity = x509::identity_from_der(leaf).map_err(|_| ReasonCode::NOT_AUTHORIZED)?;
     let name = match connect.username.as_deref().filter(|u| !u.is_empty()) {
         Some(u) => u.to_owned(),
@@ -1524,16 +1588,24 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
     let mut namespaces = HashMap::new();
     let mut namespace_cas = String::new();
     for ns in &snap.namespaces {
+        let mut anchors = Vec::new();
         for ca in &ns.ca_certificates {
-            parse_ca_bundle(&ca.pem()).map_err(|e| {
+            anchors.extend(parse_ca_bundle(&ca.pem()).map_err(|e| {
                 reject(
                     generation,
                     &ca.id,
                     format!("CA certificate '{}' {e}", ca.name),
                 )
-            })?;
+            })?);
             namespace_cas.push_str(&ca.pem());
         }
+        let trust = namespace_trust(&anchors).map_err(|e| {
+            reject(
+                generation,
+                &ns.id,
+                format!("namespace '{}': CA certificates {e}", ns.name),
+            )
+        })?;
         if !ns.topic_spaces_enabled {
             continue;
         }
@@ -1566,6 +1638,7 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
             Arc::new(NamespaceAuth {
                 name: ns.name.clone(),
                 sources,
+                trust,
             }),
         );
         namespace_models.push(model);

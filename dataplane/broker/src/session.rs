@@ -434,6 +434,11 @@ impl Session {
         }
     }
 
+    /// Bytes of a routed topic this session's client does not see (its namespace's prefix).
+    fn topic_prefix_len(&self) -> usize {
+        crate::tenant::prefix_len_of_key(&self.client_id)
+    }
+
     fn fits(&self, d: &Delivery, limits: ClientLimits, now_ms: u64) -> bool {
         if limits.maximum_packet_size == 0 || limits.maximum_packet_size >= 268_435_460 {
             return true;
@@ -460,7 +465,14 @@ impl Session {
             return true;
         }
         // Size without a topic alias: the alias can only make it smaller.
-        let p = build_publish(d, 1, false, now_ms, limits.protocol);
+        let p = build_publish(
+            d,
+            1,
+            false,
+            now_ms,
+            limits.protocol,
+            self.topic_prefix_len(),
+        );
         let len = meridian_codec::encoded_len(&Packet::Publish(p), limits.protocol);
         len <= limits.maximum_packet_size as usize
     }
@@ -474,7 +486,14 @@ impl Session {
         _qos_flow: bool,
     ) -> Publish {
         let limits = self.limits.expect("connected");
-        let mut p = build_publish(d, pid, dup, now_ms, limits.protocol);
+        let mut p = build_publish(
+            d,
+            pid,
+            dup,
+            now_ms,
+            limits.protocol,
+            self.topic_prefix_len(),
+        );
         if limits.protocol == Protocol::V5 && limits.topic_alias_maximum > 0 {
             if let Some(&alias) = self.aliases_out.get(&p.topic) {
                 p.properties.topic_alias = Some(alias);
@@ -644,8 +663,16 @@ fn state_byte(s: OutState) -> u8 {
     }
 }
 
-/// The PUBLISH a delivery turns into (no alias yet).
-pub fn build_publish(d: &Delivery, pid: u16, dup: bool, now_ms: u64, proto: Protocol) -> Publish {
+/// The PUBLISH a delivery turns into (no alias yet), its topic without the first `strip` bytes
+/// (the tenant prefix of an Event Grid namespace session, see `crate::tenant`).
+pub fn build_publish(
+    d: &Delivery,
+    pid: u16,
+    dup: bool,
+    now_ms: u64,
+    proto: Protocol,
+    strip: usize,
+) -> Publish {
     let mut properties = if proto == Protocol::V5 {
         d.msg.properties.clone()
     } else {
@@ -665,7 +692,7 @@ pub fn build_publish(d: &Delivery, pid: u16, dup: bool, now_ms: u64, proto: Prot
         dup: dup && d.qos != QoS::AtMostOnce,
         qos: d.qos,
         retain: d.retain,
-        topic: d.msg.topic.clone(),
+        topic: d.msg.topic.get(strip..).unwrap_or_default().to_owned(),
         packet_id: if d.qos == QoS::AtMostOnce { 0 } else { pid },
         payload: d.msg.payload.clone(),
         properties,
