@@ -53,6 +53,11 @@ pub use meridian_contract as contract;
 /// The tag on an Event Grid namespace naming the ARM id of the broker that serves it.
 pub const BROKER_TAG: &str = "meridian.broker";
 
+/// The tag on an Event Grid namespace naming (comma-separated) listeners of its broker whose
+/// ports make it the **default namespace**: a client of those ports whose TLS SNI names no bound
+/// namespace is a client of this one. A listener is the default of at most one namespace.
+pub const LISTENERS_TAG: &str = "meridian.listeners";
+
 // Lower-cased type keys, as the store records them.
 const AIO_BROKER: &str = "microsoft.iotoperations/instances/brokers";
 const AIO_LISTENER: &str = "microsoft.iotoperations/instances/brokers/listeners";
@@ -370,6 +375,7 @@ fn compile_aio(
                 authentication_refs: port.authentication_ref.iter().cloned().collect(),
                 authorization_enabled: port.authorization_ref.is_some(),
                 authorization_refs: port.authorization_ref.iter().cloned().collect(),
+                default_namespace: None,
             });
         }
         snap.listeners.push(Listener {
@@ -669,6 +675,7 @@ fn compile_mq(
                 authentication_refs: authn_by_listener.remove(&key).unwrap_or_default(),
                 authorization_enabled: p.authorization_enabled,
                 authorization_refs: authz_by_listener.remove(&key).unwrap_or_default(),
+                default_namespace: None,
             }],
         });
     }
@@ -835,11 +842,55 @@ fn mq_rule(r: &mq::AuthorizationBasicRule) -> AuthorizationRule {
 
 /// The value of the binding tag on a resource body, if any.
 fn broker_tag(body: &Value) -> Option<&str> {
+    tag(body, BROKER_TAG)
+}
+
+/// The value of tag `name` (key compared case-insensitively) on a resource body, if any.
+fn tag<'a>(body: &'a Value, name: &str) -> Option<&'a str> {
     body.get("tags")?
         .as_object()?
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(BROKER_TAG))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .and_then(|(_, v)| v.as_str())
+}
+
+/// Makes `ns` the default namespace of the ports of the listeners its [`LISTENERS_TAG`] names.
+/// A listener the tag names that the broker does not have, or that another namespace already
+/// claimed, makes the namespace invalid (its provisioning fails naming it).
+fn assign_default_namespace(
+    res: &StoredResource,
+    ns: &str,
+    snap: &mut BrokerSnapshot,
+) -> Result<(), CompileError> {
+    let Some(value) = tag(&res.body, LISTENERS_TAG) else {
+        return Ok(());
+    };
+    let invalid = |message: String| CompileError::InvalidResource {
+        id: res.id.clone(),
+        message,
+    };
+    for wanted in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let listener = snap
+            .listeners
+            .iter_mut()
+            .find(|l| l.name.eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "tag '{LISTENERS_TAG}': the broker has no listener '{wanted}'"
+                ))
+            })?;
+        for port in &mut listener.ports {
+            if let Some(other) = &port.default_namespace
+                && !other.eq_ignore_ascii_case(ns)
+            {
+                return Err(invalid(format!(
+                    "tag '{LISTENERS_TAG}': listener '{wanted}' is already the default listener of namespace '{other}'"
+                )));
+            }
+            port.default_namespace = Some(ns.to_owned());
+        }
+    }
+    Ok(())
 }
 
 /// Whether the namespace `ns` binds to the broker with lower-cased id `broker_key`, given every
@@ -869,6 +920,7 @@ fn compile_namespaces(
         rows.use_source(res);
         let p: eg::NamespaceProperties = props(res)?;
         let ts = p.topic_spaces_configuration.as_ref();
+        assign_default_namespace(res, &name_of(res), snap)?;
         let mut ns = EventGridNamespace {
             id: res.id.clone(),
             name: name_of(res),

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use meridian_api::{
-    compile::{BROKER_TAG, CompileError, brokers_affected_by, compile_broker},
+    compile::{BROKER_TAG, CompileError, LISTENERS_TAG, brokers_affected_by, compile_broker},
     engine::{Engine, ImmediateProvisioner, Preconditions, RequestContext},
     store::{PostgresStore, ReadSelector, SqliteStore, Store},
     test_util::PgCluster,
@@ -412,6 +412,7 @@ async fn iot_operations_broker_compiles_from_its_resources(mut f: Fixture) {
             authentication_refs: vec!["authn".into()],
             authorization_enabled: true,
             authorization_refs: vec!["authz".into()],
+            default_namespace: None,
         }
     );
     assert_eq!(
@@ -441,6 +442,7 @@ async fn iot_operations_broker_compiles_from_its_resources(mut f: Fixture) {
             authentication_refs: vec![],
             authorization_enabled: false,
             authorization_refs: vec![],
+            default_namespace: None,
         }
     );
     assert_eq!(
@@ -777,6 +779,51 @@ async fn namespaces_bind_by_tag_or_to_the_only_broker(mut f: Fixture) {
     assert!(f.compile(&aio_broker()).await.namespaces.is_empty());
 }
 
+async fn a_namespace_tag_makes_it_the_default_namespace_of_listeners(mut f: Fixture) {
+    f.aio_world().await;
+    let bound = aio_broker();
+    f.namespace_world(json!({BROKER_TAG: bound, LISTENERS_TAG: "Secure"}))
+        .await;
+    let snap = f.compile(&aio_broker()).await;
+    for p in &snap.listener("secure").unwrap().ports {
+        assert_eq!(p.default_namespace.as_deref(), Some("fleet"));
+    }
+    assert_eq!(port(&snap, "main", 0).default_namespace, None);
+
+    // A second namespace claiming the same listener: that namespace is invalid, named.
+    let second = format!("{SUB}/Microsoft.EventGrid/namespaces/zoo");
+    f.put(
+        &second,
+        json!({"location": "westeurope", "tags": {BROKER_TAG: bound, LISTENERS_TAG: "main, secure"},
+               "properties": {"topicSpacesConfiguration": {"state": "Enabled"}}}),
+    )
+    .await;
+    match compile_broker(f.store(), &aio_broker()).await {
+        Err(CompileError::InvalidResource { id, message }) => {
+            assert_eq!(id, second);
+            assert!(
+                message.contains("already the default listener of namespace 'fleet'"),
+                "{message}"
+            );
+        }
+        other => panic!("expected InvalidResource, got {other:?}"),
+    }
+    // A listener the broker does not have.
+    f.put(
+        &second,
+        json!({"location": "westeurope", "tags": {BROKER_TAG: bound, LISTENERS_TAG: "nope"},
+               "properties": {"topicSpacesConfiguration": {"state": "Enabled"}}}),
+    )
+    .await;
+    match compile_broker(f.store(), &aio_broker()).await {
+        Err(CompileError::InvalidResource { id, message }) => {
+            assert_eq!(id, second);
+            assert!(message.contains("no listener 'nope'"), "{message}");
+        }
+        other => panic!("expected InvalidResource, got {other:?}"),
+    }
+}
+
 async fn an_untagged_namespace_binds_to_the_only_broker_of_its_subscription(mut f: Fixture) {
     f.mq_world().await;
     f.namespace_world(json!({})).await;
@@ -967,6 +1014,7 @@ on_both_stores!(
     recompiling_is_stable_and_a_change_moves_digest_and_etag,
     iot_operations_mq_broker_compiles_listener_refs_and_bridges,
     namespaces_bind_by_tag_or_to_the_only_broker,
+    a_namespace_tag_makes_it_the_default_namespace_of_listeners,
     an_untagged_namespace_binds_to_the_only_broker_of_its_subscription,
     compile_errors_say_what_is_wrong,
     brokers_affected_by_maps_each_kind_of_change,

@@ -199,6 +199,13 @@ def snapshot(ports: dict[str, int], server: tuple[str, str], cas: dict[str, Pki]
                 {"port": ports["eg"], "protocol": "Mqtt", "authenticationEnabled": True,
                  "tls": {"certificate": {"mode": "Manual", "certificatePem": server[0],
                                          "privateKeyPem": server[1]}}}]},
+            # A port whose clients belong to nsa unless their SNI names another namespace
+            # (compiled from nsa's `meridian.listeners` tag).
+            {"id": rid("listeners", "nsa-default"), "name": "nsa-default", "ports": [
+                {"port": ports["nsa-default"], "protocol": "Mqtt", "authenticationEnabled": True,
+                 "defaultNamespace": "nsa",
+                 "tls": {"certificate": {"mode": "Manual", "certificatePem": server[0],
+                                         "privateKeyPem": server[1]}}}]},
         ],
         "authentications": [
             {"id": rid("authentications", "passwords"), "name": "passwords",
@@ -269,7 +276,8 @@ class Node:
 class Env:
     def __init__(self, workdir: Path):
         self.dir = workdir
-        self.ports = {"plain": free_port(), "tokens": free_port(), "eg": free_port()}
+        self.ports = {"plain": free_port(), "tokens": free_port(), "eg": free_port(),
+                      "nsa-default": free_port()}
         self.server_ca = Pki("server-ca", workdir)
         _, _, cert_pem, key_pem = self.server_ca.issue(
             "meridian", dns=["nsa.example.com", "nsb.example.com", "localhost"])
@@ -633,3 +641,25 @@ def test_untrusted_ca_disabled_client_and_impersonation_are_refused(env, attempt
     assert accepted(d.publish("devices/dev1/t"))
     assert d.publish("devices/dev2/t") == NOT_AUTHORIZED
     assert d.subscribe("devices/+/t", "#") == [NOT_AUTHORIZED, NOT_AUTHORIZED]
+
+
+def test_a_listener_default_namespace_takes_clients_without_a_namespace_in_sni(env, attempts):
+    def on_default(sni: str, ca: str, name: str) -> Attempt:
+        cert = env.cas[ca].issue(name)[:2]
+        return attempts(env.ports["nsa-default"], f"{name}-{uuid.uuid4().hex[:6]}", username=name,
+                        sni=sni, cert=cert, ca=env.server_ca)
+
+    a = ok(on_default("localhost", "a", "dev1"))
+    assert a.subscribe("shared/#") == [1]
+    sni_a = ok(eg(env, attempts, "nsa", "a", "dev2"))
+    assert accepted(sni_a.publish("shared/default", b"same-tenant"))
+    assert ("shared/default", b"same-tenant") in a.received(), "the default namespace is nsa"
+    assert accepted(a.publish("devices/dev1/t"))
+    assert a.publish("devices/dev2/t") == NOT_AUTHORIZED
+    # B's certificate on A's default port: not a client of A.
+    assert on_default("localhost", "b", "dev1").code == BAD_CREDENTIALS
+    # SNI still wins: naming nsb reaches nsb.
+    b = ok(on_default("nsb.example.com", "b", "devb"))
+    assert b.subscribe("shared/#") == [1]
+    assert accepted(sni_a.publish("shared/default", b"again"))
+    assert b.received() == []

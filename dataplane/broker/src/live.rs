@@ -163,6 +163,8 @@ pub(crate) struct PortPolicy {
     authz_enabled: bool,
     /// The port's rules plus every enabled namespace; `None` when neither exists.
     engine: Option<Arc<PolicyEngine>>,
+    /// Lower-cased name of the namespace a client belongs to when its SNI names none.
+    default_namespace: Option<String>,
 }
 
 impl PortPolicy {
@@ -589,6 +591,18 @@ pub(crate) async fn admit(
         .and_then(|t| t.sni.as_deref())
         .and_then(|sni| sni.split('.').next())
         .and_then(|label| state.namespaces.get(&label.to_ascii_lowercase()));
+    // No namespace in SNI: the port's default namespace, if it names one. A default namespace
+    // that is not served (topic spaces disabled) admits nobody rather than falling back.
+    let sni_namespace = match (sni_namespace, &port.default_namespace) {
+        (Some(ns), _) => Some(ns),
+        (None, Some(name)) => Some(
+            state
+                .namespaces
+                .get(name)
+                .ok_or(ReasonCode::NOT_AUTHORIZED)?,
+        ),
+        (None, None) => None,
+    };
     let method = connect.properties.authentication_method.clone();
     let (credential, expires_at_ms) = if let Some(ns) = sni_namespace {
         if method.is_some() {
@@ -1821,6 +1835,7 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
                     authn,
                     authz_enabled: port.authorization_enabled,
                     engine,
+                    default_namespace: port.default_namespace.as_ref().map(|n| n.to_lowercase()),
                 },
             });
         }

@@ -42,6 +42,11 @@ pub struct ListenerPort {
     /// Names of [`crate::AuthorizationPolicy`]s.
     #[serde(default)]
     pub authorization_refs: Vec<String>,
+    /// The Event Grid namespace (name, one of [`crate::BrokerSnapshot::namespaces`]) a client of
+    /// this port belongs to when its TLS SNI names no bound namespace. Compiled from the
+    /// namespace's `meridian.listeners` tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_namespace: Option<String>,
 }
 
 /// The transport protocol of a port (spec `BrokerProtocolType`).

@@ -169,6 +169,11 @@ impl BrokerSnapshot {
                         c.fail(id, format!("{at}: authorization '{r}' does not exist"));
                     }
                 }
+                if let Some(ns) = &p.default_namespace
+                    && self.namespace(ns).is_none()
+                {
+                    c.fail(id, format!("{at}: default namespace '{ns}' is not bound"));
+                }
                 let Some(tls) = &p.tls else { continue };
                 if let Some(ca) = &tls.client_ca_pem
                     && !looks_like_certificate(ca)

@@ -48,6 +48,7 @@ fn small() -> BrokerSnapshot {
                 authentication_refs: vec!["authn".into()],
                 authorization_enabled: true,
                 authorization_refs: vec!["authz".into()],
+                default_namespace: None,
             },
             ListenerPort {
                 port: 8883,
@@ -70,6 +71,7 @@ fn small() -> BrokerSnapshot {
                 authentication_refs: vec![],
                 authorization_enabled: false,
                 authorization_refs: vec![],
+                default_namespace: None,
             },
         ],
     }];
@@ -127,6 +129,7 @@ fn full() -> BrokerSnapshot {
         authentication_refs: vec!["authn".into()],
         authorization_enabled: false,
         authorization_refs: vec![],
+        default_namespace: None,
     });
     s.authentications[0].methods.extend([
         AuthenticationMethod::UsernamePassword(UsernamePasswordSettings {
