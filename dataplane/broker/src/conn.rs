@@ -256,6 +256,18 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         None => client_id,
     };
 
+    // Clients of snapshot ports: the broker resource's limits narrow the node's own.
+    let snapshot_limits = guard.as_ref().map(|g| g.limits.clone());
+    let narrowed;
+    let limits = match &snapshot_limits {
+        Some(l) => {
+            narrowed = narrow_limits(limits, l);
+            opts.max_packet_size = narrowed.max_packet_size;
+            &narrowed
+        }
+        None => limits,
+    };
+
     // 3. Session expiry and keep alive.
     let requested_expiry = match protocol {
         Protocol::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
@@ -315,7 +327,12 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         receive_maximum: match protocol {
             Protocol::V5 => connect.properties.receive_maximum.unwrap_or(u16::MAX),
             Protocol::V311 => limits.receive_maximum,
-        },
+        }
+        .min(
+            snapshot_limits
+                .as_ref()
+                .map_or(u16::MAX, |l| l.max_receive_maximum.max(1)),
+        ),
         maximum_packet_size: connect.properties.maximum_packet_size.unwrap_or(0),
         topic_alias_maximum: connect
             .properties
@@ -329,6 +346,11 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         let mut actions = Vec::new();
         let mut inner = handle.inner.lock();
         if inner.generation == generation {
+            if snapshot_limits.is_some() {
+                inner
+                    .session
+                    .set_queue_limit(limits.max_queued_messages, limits.overflow_policy);
+            }
             inner.conn = Some(out.clone());
             inner.last_guard = out.guard.clone();
             handle.online.store(true, Ordering::Relaxed);
@@ -493,6 +515,32 @@ async fn answer_connect_error(
             let _ = wr.shutdown().await;
         }
     }
+}
+
+/// The node's limits narrowed by a broker resource's (`meridian_contract::Limits`, from the
+/// applied snapshot): session expiry, packet size and keep alive can only shrink; the
+/// subscriber queue length and strategy are the resource's (IoT Operations
+/// `subscriberQueueLimit`: `None` keeps the node's backpressure-then-drop-new, `DropOldest`
+/// discards the oldest queued message).
+fn narrow_limits(
+    node: &crate::config::Limits,
+    broker: &meridian_contract::Limits,
+) -> crate::config::Limits {
+    let mut l = node.clone();
+    l.session_expiry_max = l.session_expiry_max.min(broker.max_session_expiry_seconds);
+    l.max_packet_size = l.max_packet_size.min(broker.max_packet_size_bytes.max(64));
+    if let Some(k) = broker.max_keep_alive_seconds.filter(|k| *k > 0) {
+        l.server_keep_alive_max = match l.server_keep_alive_max {
+            0 => k,
+            n => n.min(k),
+        };
+    }
+    l.max_queued_messages = usize::try_from(broker.subscriber_queue_length).unwrap_or(usize::MAX);
+    l.overflow_policy = match broker.subscriber_queue_strategy {
+        meridian_contract::QueueStrategy::DropOldest => crate::config::OverflowPolicy::DropOldest,
+        _ => crate::config::OverflowPolicy::DropNew,
+    };
+    l
 }
 
 /// Find or create the session for a CONNECT. Returns (handle, session present, generation).
@@ -1283,6 +1331,16 @@ impl Conn {
 
         if let Some(ns) = crate::tenant::namespace_of_key(&self.client_id) {
             p.topic = crate::tenant::internal(ns, &p.topic);
+        }
+        if let Some(max) = self
+            .out
+            .guard
+            .as_deref()
+            .and_then(|g| g.limits.max_message_expiry_seconds)
+        {
+            // The broker resource's maxMessageExpirySeconds: no message outlives it.
+            let e = &mut p.properties.message_expiry_interval;
+            *e = Some(e.map_or(max, |e| e.min(max)));
         }
         let msg = Arc::new(Msg::from_publish(p, now_ms()));
         let mut commits = Vec::new();

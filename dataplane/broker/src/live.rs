@@ -136,6 +136,9 @@ pub(crate) struct Guard {
     decisions: Mutex<DecisionCache>,
     /// Why the node is closing this connection (sent as the DISCONNECT reason string).
     revoked: Mutex<Option<String>>,
+    /// The broker's limits as applied when this client connected (negotiated at CONNECT, so a
+    /// later snapshot's limits apply to later connections).
+    pub(crate) limits: Arc<meridian_contract::Limits>,
 }
 
 impl Guard {
@@ -385,6 +388,8 @@ pub(crate) struct LiveState {
     ports: HashMap<u32, Arc<PortPolicy>>,
     /// Enabled namespaces by lower-case name.
     namespaces: HashMap<String, Arc<NamespaceAuth>>,
+    /// The snapshot's broker-wide limits, for clients of snapshot ports.
+    limits: Arc<meridian_contract::Limits>,
 }
 
 /// Identity of a snapshot port across snapshots.
@@ -648,6 +653,7 @@ pub(crate) async fn admit(
         peer,
         decisions: Mutex::new(DecisionCache::default()),
         revoked: Mutex::new(None),
+        limits: state.limits.clone(),
     }))
 }
 
@@ -1187,6 +1193,7 @@ async fn apply_locked(
         }),
         ports,
         namespaces,
+        limits: Arc::new(snap.limits.clone()),
     });
     *shared.live.state.write() = new_state.clone();
     shared.live.epoch.fetch_add(1, Ordering::AcqRel);

@@ -434,6 +434,13 @@ impl Session {
         }
     }
 
+    /// Replaces the queue limit and overflow policy (the broker's limits as of the client's
+    /// latest CONNECT). Messages already queued beyond a lower limit stay queued.
+    pub fn set_queue_limit(&mut self, max_queued: usize, overflow: OverflowPolicy) {
+        self.max_queued = max_queued;
+        self.overflow = overflow;
+    }
+
     /// Bytes of a routed topic this session's client does not see (its namespace's prefix).
     fn topic_prefix_len(&self) -> usize {
         crate::tenant::prefix_len_of_key(&self.client_id)

@@ -914,3 +914,122 @@ async fn an_offline_session_loses_the_subscriptions_a_new_policy_forbids() {
     );
     b.shutdown().await;
 }
+
+/// Waits for the PUBACK of `pid` (skipping other packets).
+async fn acked(raw: &mut Raw, pid: u16) {
+    loop {
+        match raw.recv().await {
+            Some(Packet::PubAck(a)) if a.packet_id == pid => return,
+            Some(_) => continue,
+            None => panic!("no PUBACK {pid}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_broker_resource_limits_apply_to_connections_made_after_the_snapshot() {
+    let (b, _) = start(cfg()).await;
+    let limits = json!({"limits": {
+        "maxSessionExpirySeconds": 60, "maxPacketSizeBytes": 1000, "maxKeepAliveSeconds": 30,
+        "maxReceiveMaximum": 2, "maxMessageExpirySeconds": 1,
+        "subscriberQueueLength": 3, "subscriberQueueStrategy": "DropOldest"}});
+    b.apply_snapshot(snapshot(
+        1,
+        json!([listener("main", None)]),
+        json!([]),
+        limits,
+    ))
+    .await
+    .expect("applied");
+    let addr = snapshot_addr(&b, "main");
+
+    // CONNACK tells the narrowed limits.
+    let mut c = connect_packet("lim-sub", Protocol::V5);
+    c.keep_alive = 0;
+    c.properties.session_expiry_interval = Some(3600);
+    let (mut sub, ack) = Raw::connect_with(addr, c.clone()).await;
+    assert_eq!(ack.reason_code.0, 0);
+    assert_eq!(ack.properties.session_expiry_interval, Some(60));
+    assert_eq!(ack.properties.server_keep_alive, Some(30));
+    assert_eq!(ack.properties.maximum_packet_size, Some(1000));
+    assert_eq!(sub.subscribe("q/t", QoS::AtLeastOnce).await, [1]);
+    sub.send(Packet::Disconnect(Default::default())).await;
+
+    // Queue length 3, DropOldest: of 5 messages for the offline session, the last 3 remain.
+    let mut publisher = Raw::connect(addr, "lim-pub", Protocol::V5).await;
+    for i in 1..=5u16 {
+        publisher
+            .publish("q/t", i.to_string().as_bytes(), QoS::AtLeastOnce, i)
+            .await;
+        acked(&mut publisher, i).await;
+    }
+    c.clean_start = false;
+    let (mut sub, ack) = Raw::connect_with(addr, c).await;
+    assert!(ack.session_present);
+    // Receive Maximum clamped to 2: two in flight until one is acknowledged.
+    let mut got = Vec::new();
+    while let Some(p) = sub.recv_for(Duration::from_millis(700)).await {
+        if let Packet::Publish(p) = p {
+            got.push(p);
+        }
+    }
+    let payloads: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, [b"3", b"4"], "window of 2, oldest two dropped");
+    sub.puback(got[0].packet_id).await;
+    let third = sub.recv_publish().await.expect("third after an ack");
+    assert_eq!(&third.payload[..], b"5");
+
+    // A packet above maxPacketSizeBytes: DISCONNECT 0x95.
+    publisher
+        .publish("big", &[7u8; 2000], QoS::AtMostOnce, 0)
+        .await;
+    match publisher.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code.0, 0x95),
+        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
+    }
+
+    // maxMessageExpirySeconds 1: a retained message without expiry is gone after a second.
+    let mut p2 = Raw::connect(addr, "lim-pub2", Protocol::V5).await;
+    p2.send(Packet::Publish(meridian_codec::Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: "exp/t".into(),
+        packet_id: 1,
+        payload: bytes::Bytes::from_static(b"soon gone"),
+        properties: Default::default(),
+    }))
+    .await;
+    acked(&mut p2, 1).await;
+    let mut early = Raw::connect(addr, "lim-early", Protocol::V5).await;
+    early.subscribe("exp/t", QoS::AtMostOnce).await;
+    let r = early.recv_publish().await.expect("retained before expiry");
+    assert_eq!(r.properties.message_expiry_interval, Some(1));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut late = Raw::connect(addr, "lim-late", Protocol::V5).await;
+    late.subscribe("exp/t", QoS::AtMostOnce).await;
+    assert!(
+        late.recv_for(Duration::from_millis(500)).await.is_none(),
+        "expired retained message delivered"
+    );
+
+    // A snapshot without limits: later connections get the node's own; earlier ones stay.
+    b.apply_snapshot(snapshot(
+        2,
+        json!([listener("main", None)]),
+        json!([]),
+        json!({}),
+    ))
+    .await
+    .expect("applied");
+    let mut c = connect_packet("lim-after", Protocol::V5);
+    c.properties.session_expiry_interval = Some(3600);
+    let (_after, ack) = Raw::connect_with(addr, c).await;
+    assert_eq!(ack.properties.session_expiry_interval, None, "3600 granted");
+    assert_eq!(ack.properties.maximum_packet_size, Some(1_048_576));
+    assert!(
+        early.ping().await,
+        "a connection made under the old limits stays"
+    );
+    b.shutdown().await;
+}
