@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -83,6 +83,11 @@ pub(crate) struct ConnOut {
     /// A publisher already waited the full pause for this subscriber: stop pausing for it (its
     /// overflow policy applies) until it catches up, so one stuck client cannot throttle all.
     pub(crate) stuck: AtomicBool,
+    /// Times this subscriber was relieved (all pressure cleared). A paused publisher resumes as
+    /// soon as this moves, even if other publishers have pressed it again since: each drain
+    /// lets every waiting publisher make progress, so none waits out the pause bound (and
+    /// marks the subscriber stuck) just because 99 others refilled the outbox first.
+    pub(crate) drains: AtomicU32,
     /// Set for connections accepted on a snapshot listener: their principal and port, checked
     /// on every PUBLISH/SUBSCRIBE and re-checked when a new snapshot is applied.
     pub(crate) guard: Option<Arc<crate::live::Guard>>,
@@ -142,6 +147,7 @@ impl ConnOut {
             pressured: AtomicU8::new(0),
             drained,
             stuck: AtomicBool::new(false),
+            drains: AtomicU32::new(0),
             guard: None,
             no_problem_info: false,
         }
@@ -199,6 +205,7 @@ impl ConnOut {
         let before = self.pressured.fetch_and(!bits, Ordering::AcqRel);
         if before != 0 && before & !bits == 0 {
             self.stuck.store(false, Ordering::Release);
+            self.drains.fetch_add(1, Ordering::AcqRel);
             self.drained.notify_waiters();
         }
     }

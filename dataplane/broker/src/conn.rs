@@ -1028,13 +1028,17 @@ impl Conn {
     async fn wait_for_subscribers(&mut self) -> std::io::Result<()> {
         let deadline = tokio::time::Instant::now() + PRESSURE_WAIT;
         while let Some(h) = self.pressure.pop() {
+            let drains = h.drains.load(Ordering::Acquire);
             loop {
                 // The drained notification is node-wide: register first, then re-check this
-                // subscriber, so a wake-up between the two is not missed.
+                // subscriber, so a wake-up between the two is not missed. It drained once
+                // since we paused: go on, even if others have pressed it again.
                 let drained = h.drained.notified();
                 tokio::pin!(drained);
                 drained.as_mut().enable();
-                if h.pressured.load(Ordering::Acquire) == 0 {
+                if h.pressured.load(Ordering::Acquire) == 0
+                    || h.drains.load(Ordering::Acquire) != drains
+                {
                     break;
                 }
                 tokio::select! {
