@@ -162,20 +162,18 @@ impl ConnOut {
         }
     }
 
-    /// Resolves once [`ConnOut::wake`] was called since the last time it resolved.
-    pub(crate) fn signalled(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.signalled.swap(false, Ordering::AcqRel) {
-                return std::task::Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // Re-check after registering: a wake in between would otherwise be missed.
-            if self.signalled.swap(false, Ordering::AcqRel) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
+    /// Ready once [`ConnOut::wake`] was called since the last time it was ready.
+    pub(crate) fn poll_signalled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.signalled.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Re-check after registering: a wake in between would otherwise be missed.
+        if self.signalled.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     /// Encode a packet into the outbox (the caller wakes the writer).

@@ -812,31 +812,46 @@ impl Outbox {
     }
 
     /// One step of writing: write some bytes, flush, or wait until something is queued.
-    /// Cancel-safe: all progress is recorded in `self` only after an await completes.
-    async fn progress(&mut self, out: &ConnOut, shared: &Shared) -> std::io::Result<()> {
+    /// Cancel-safe: all progress is recorded in `self` as it happens. The future is three
+    /// references: [`Outbox::poll_progress`] keeps its state in `self`, so an idle
+    /// connection's task does not carry an async state machine for it.
+    fn progress<'a>(
+        &'a mut self,
+        out: &'a ConnOut,
+        shared: &'a Shared,
+    ) -> impl Future<Output = std::io::Result<()>> + 'a {
+        std::future::poll_fn(move |cx| self.poll_progress(cx, out, shared))
+    }
+
+    fn poll_progress(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &ConnOut,
+        shared: &Shared,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        use tokio::io::AsyncWrite;
         self.refill(out);
         if self.wbuf.is_empty() {
             if self.unflushed {
-                self.wr.flush().await?;
+                std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_flush(cx))?;
                 self.unflushed = false;
-            } else {
-                out.signalled().await;
+                return Poll::Ready(Ok(()));
             }
-            return Ok(());
+            return out.poll_signalled(cx).map(Ok);
         }
         out.writing.store(true, Ordering::SeqCst);
         // Keep writing while the socket takes it (bounded, so reads and acks get their turn):
         // a busy subscriber stays here instead of going round the whole connection loop.
         for _ in 0..16 {
-            let n = tokio::select! {
-                biased;
-                r = self.wr.write(&self.wbuf) => r?,
+            let n = match std::pin::Pin::new(&mut self.wr).poll_write(cx, &self.wbuf) {
+                Poll::Ready(r) => r?,
                 // Only a kick wakes us mid-write (see `ConnOut::wake`): the caller checks it, as
                 // it must not wait for a client that stopped reading. Nothing written, nothing lost.
-                _ = out.signalled() => return Ok(()),
+                Poll::Pending => return out.poll_signalled(cx).map(Ok),
             };
             if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.unflushed = true;
             bytes::Buf::advance(&mut self.wbuf, n);
@@ -862,12 +877,12 @@ impl Outbox {
                 }
                 self.refill(out);
                 if self.wbuf.is_empty() {
-                    return Ok(());
+                    return Poll::Ready(Ok(()));
                 }
                 out.writing.store(true, Ordering::SeqCst);
             }
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 }
 
