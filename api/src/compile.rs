@@ -31,11 +31,11 @@ use meridian_contract::{
     AuthenticationMethod, AuthenticationPolicy, AuthorizationPolicy, AuthorizationRule,
     AutomaticCertificate, Bridge, BridgeRoute, BridgeTopicMap, BrokerFlavor, BrokerResourceRule,
     BrokerSnapshot, CaCertificate, CertificateIssuer, ClientCertificateAuthentication, ClientGroup,
-    CustomAuthSettings, Dataflow, DataflowEndpoint, DataflowProfile, EventGridNamespace, IssuerRef,
-    Limits, Listener, ListenerPort, ListenerTls, ManualCertificate, NamespaceClient,
-    PermissionBinding, PermissionType, Principals, ServerCertificate, SourceRef,
-    StateStoreResourceRule, SubjectAltNames, SvidSettings, TokenSettings, TopicSpace,
-    UsernamePasswordSettings, X509Attributes, X509Settings,
+    CustomAuthSettings, CustomJwtAuthentication, Dataflow, DataflowEndpoint, DataflowProfile,
+    EventGridNamespace, IssuerCertificate, IssuerRef, Limits, Listener, ListenerPort, ListenerTls,
+    ManualCertificate, NamespaceClient, PermissionBinding, PermissionType, Principals,
+    ServerCertificate, SourceRef, StateStoreResourceRule, SubjectAltNames, SvidSettings,
+    TokenSettings, TopicSpace, UsernamePasswordSettings, X509Attributes, X509Settings,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -931,6 +931,21 @@ fn compile_namespaces(
                 .and_then(|c| c.alternative_authentication_name_sources.as_ref())
                 .map(|v| v.iter().filter_map(recast::<_, String>).collect())
                 .unwrap_or_default(),
+            custom_jwt_authentication: ts
+                .and_then(|t| t.client_authentication.as_ref())
+                .and_then(|c| c.custom_jwt_authentication.as_ref())
+                .map(|j| CustomJwtAuthentication {
+                    token_issuer: j.token_issuer.clone().unwrap_or_default(),
+                    issuer_certificates: j
+                        .encoded_issuer_certificates
+                        .iter()
+                        .flatten()
+                        .map(|c| IssuerCertificate {
+                            kid: Some(c.kid.clone()).filter(|k| !k.is_empty()),
+                            encoded_certificate: c.encoded_certificate.clone(),
+                        })
+                        .collect(),
+                }),
             maximum_session_expiry_in_hours: ts
                 .and_then(|t| positive_u32(t.maximum_session_expiry_in_hours.map(i64::from))),
             maximum_client_sessions_per_authentication_name: ts.and_then(|t| {

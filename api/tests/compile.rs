@@ -330,7 +330,9 @@ impl Fixture {
             &ns,
             json!({"location": "westeurope", "tags": tags, "properties": {"topicSpacesConfiguration": {
                 "state": "Enabled", "maximumSessionExpiryInHours": 2,
-                "clientAuthentication": {"alternativeAuthenticationNameSources": ["ClientCertificateSubject"]}
+                "clientAuthentication": {"alternativeAuthenticationNameSources": ["ClientCertificateSubject"],
+                    "customJwtAuthentication": {"tokenIssuer": "https://idp.example.com",
+                        "encodedIssuerCertificates": [{"kid": "k1", "encodedCertificate": "MIIB"}]}}
             }}}),
         )
         .await;
@@ -722,6 +724,15 @@ async fn namespaces_bind_by_tag_or_to_the_only_broker(mut f: Fixture) {
     assert_eq!(
         ns.alternative_authentication_name_sources,
         ["ClientCertificateSubject"]
+    );
+    let jwt = ns.custom_jwt_authentication.as_ref().expect("custom JWT");
+    assert_eq!(jwt.token_issuer, "https://idp.example.com");
+    assert_eq!(
+        jwt.issuer_certificates
+            .iter()
+            .map(|c| (c.kid.as_deref(), c.encoded_certificate.as_str()))
+            .collect::<Vec<_>>(),
+        [(Some("k1"), "MIIB")]
     );
     let clients: Vec<(&str, &str, ClientState)> = ns
         .clients

@@ -6,6 +6,7 @@ use crate::engine::registry::{DeclBuilder, NameRule, Presence, ResourceTypeDecl}
 
 use super::check;
 use super::eventgrid_models as m;
+use crate::engine::registry::ValidationError;
 
 /// Provider namespace.
 pub const NAMESPACE: &str = "Microsoft.EventGrid";
@@ -30,7 +31,7 @@ pub fn types() -> Vec<ResourceTypeDecl> {
             .location(Presence::Required)
             .top_level::<m::NamespaceSku>("sku", Presence::Optional)
             .top_level::<m::IdentityInfo>("identity", Presence::Optional)
-            .validate(check::<m::NamespaceProperties>)
+            .validate(namespace_checks)
             .description("An Event Grid namespace: an MQTT tenant with its own clients and topics.")
             .build(),
         child::<m::TopicSpaceProperties>("topicSpaces", "A topic space: a set of topic templates.")
@@ -59,6 +60,63 @@ pub fn types() -> Vec<ResourceTypeDecl> {
         .validate(check::<m::CaCertificateProperties>)
         .build(),
     ]
+}
+
+/// The spec's checks plus what Meridian needs of custom JWT authentication: an issuer and the
+/// issuer certificates inline (`encodedIssuerCertificates`). Key Vault certificate URLs
+/// (`issuerCertificates`) are refused: a Meridian node cannot reach Key Vault, and accepting
+/// them would leave the namespace admitting no token while reporting success.
+fn namespace_checks(p: &m::NamespaceProperties) -> Result<(), ValidationError> {
+    check(p)?;
+    let Some(jwt) = p
+        .topic_spaces_configuration
+        .as_ref()
+        .and_then(|t| t.client_authentication.as_ref())
+        .and_then(|c| c.custom_jwt_authentication.as_ref())
+    else {
+        return Ok(());
+    };
+    const AT: &str =
+        "properties.topicSpacesConfiguration.clientAuthentication.customJwtAuthentication";
+    if jwt
+        .token_issuer
+        .as_deref()
+        .is_none_or(|i| i.trim().is_empty())
+    {
+        return Err(ValidationError::new(
+            format!("{AT}.tokenIssuer"),
+            "custom JWT authentication needs the tokenIssuer that every token's iss must equal",
+        ));
+    }
+    if jwt
+        .issuer_certificates
+        .as_ref()
+        .is_some_and(|c| !c.is_empty())
+    {
+        return Err(ValidationError::new(
+            format!("{AT}.issuerCertificates"),
+            "Key Vault certificate URLs cannot be resolved by Meridian (there is no Key Vault); give the issuer certificates inline in encodedIssuerCertificates",
+        ));
+    }
+    let encoded = jwt
+        .encoded_issuer_certificates
+        .as_deref()
+        .unwrap_or_default();
+    if encoded.is_empty() {
+        return Err(ValidationError::new(
+            format!("{AT}.encodedIssuerCertificates"),
+            "custom JWT authentication needs at least one issuer certificate (at most 2)",
+        ));
+    }
+    for (i, c) in encoded.iter().enumerate() {
+        if c.encoded_certificate.trim().is_empty() {
+            return Err(ValidationError::new(
+                format!("{AT}.encodedIssuerCertificates[{i}].encodedCertificate"),
+                "empty certificate",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A child of a namespace: listed by parent, no location.

@@ -297,6 +297,118 @@ pub enum AlternativeAuthenticationNameSource {
     ClientCertificateEmail,
 }
 
+/// The type of managed identity used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum CustomJwtAuthenticationManagedIdentityType {
+    #[serde(rename = "SystemAssigned")]
+    SystemAssigned,
+    #[serde(rename = "UserAssigned")]
+    UserAssigned,
+}
+
+/// The identity information for retrieving the certificate for custom JWT authentication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CustomJwtAuthenticationManagedIdentity {
+    /// The type of managed identity used.
+    #[serde(rename = "type")]
+    pub type_: CustomJwtAuthenticationManagedIdentityType,
+    /// The user identity associated with the resource.
+    #[serde(
+        rename = "userAssignedIdentity",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub user_assigned_identity: Option<String>,
+}
+
+impl Validate for CustomJwtAuthenticationManagedIdentity {
+    fn validate(&self, _at: &str, _errs: &mut Vec<Violation>) {}
+}
+
+/// Information about the certificate that is used for token validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct IssuerCertificateInfo {
+    /// Keyvault certificate URL in https://keyvaultname.vault.azure.net/certificates/certificateName/certificateVersion format.
+    #[serde(rename = "certificateUrl")]
+    pub certificate_url: String,
+    #[serde(rename = "identity", default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<CustomJwtAuthenticationManagedIdentity>,
+}
+
+impl Validate for IssuerCertificateInfo {
+    fn validate(&self, at: &str, errs: &mut Vec<Violation>) {
+        if let Some(v) = &self.identity {
+            v.validate(&format!("{at}.identity"), errs);
+        }
+    }
+}
+
+/// Information about the public certificate that is used for custom authentication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EncodedIssuerCertificateInfo {
+    /// Identifier for the certificate.
+    #[serde(rename = "kid")]
+    pub kid: String,
+    /// Certificate in PEM format.
+    #[serde(rename = "encodedCertificate")]
+    pub encoded_certificate: String,
+}
+
+impl Validate for EncodedIssuerCertificateInfo {
+    fn validate(&self, _at: &str, _errs: &mut Vec<Violation>) {}
+}
+
+/// Custom JWT authentication settings for namespace resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CustomJwtAuthenticationSettings {
+    /// Expected JWT token issuer.
+    #[serde(
+        rename = "tokenIssuer",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token_issuer: Option<String>,
+    /// Information about the certificates that are used for token validation. We currently support maximum 2 certificates.
+    #[serde(
+        rename = "issuerCertificates",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(max_items = 2)]
+    pub issuer_certificates: Option<Vec<IssuerCertificateInfo>>,
+    /// Information about the encoded public certificates that are used for custom authentication.
+    #[serde(
+        rename = "encodedIssuerCertificates",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(max_items = 2)]
+    pub encoded_issuer_certificates: Option<Vec<EncodedIssuerCertificateInfo>>,
+}
+
+impl Validate for CustomJwtAuthenticationSettings {
+    fn validate(&self, at: &str, errs: &mut Vec<Violation>) {
+        if let Some(v) = &self.issuer_certificates {
+            check_len(v.len(), 0, 2, &format!("{at}.issuerCertificates"), errs);
+            for (i, x) in v.iter().enumerate() {
+                x.validate(&format!("{at}.issuerCertificates[{i}]"), errs);
+            }
+        }
+        if let Some(v) = &self.encoded_issuer_certificates {
+            check_len(
+                v.len(),
+                0,
+                2,
+                &format!("{at}.encodedIssuerCertificates"),
+                errs,
+            );
+            for (i, x) in v.iter().enumerate() {
+                x.validate(&format!("{at}.encodedIssuerCertificates[{i}]"), errs);
+            }
+        }
+    }
+}
+
 /// Client authentication settings for namespace resource.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ClientAuthenticationSettings {
@@ -307,10 +419,28 @@ pub struct ClientAuthenticationSettings {
         skip_serializing_if = "Option::is_none"
     )]
     pub alternative_authentication_name_sources: Option<Vec<AlternativeAuthenticationNameSource>>,
+    /// Custom JWT authentication settings for namespace resource.
+    #[serde(
+        rename = "customJwtAuthentication",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub custom_jwt_authentication: Option<CustomJwtAuthenticationSettings>,
+    /// Added by a later api-version (up to 2026-07-01); kept as untyped JSON.
+    #[serde(
+        rename = "webhookAuthentication",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub webhook_authentication: Option<serde_json::Value>,
 }
 
 impl Validate for ClientAuthenticationSettings {
-    fn validate(&self, _at: &str, _errs: &mut Vec<Violation>) {}
+    fn validate(&self, at: &str, errs: &mut Vec<Violation>) {
+        if let Some(v) = &self.custom_jwt_authentication {
+            v.validate(&format!("{at}.customJwtAuthentication"), errs);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]

@@ -20,6 +20,9 @@ const JWKS_MIN_REFRESH: Duration = Duration::from_secs(10);
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Registered claims that say nothing about who the client is; they do not become attributes.
 const NOT_ATTRIBUTES: [&str; 5] = ["exp", "nbf", "iat", "aud", "jti"];
+/// The standard claims Event Grid leaves out of a token client's attributes (Event Grid
+/// documentation, "Authenticate with namespaces using JSON Web Tokens").
+const EVENT_GRID_NOT_ATTRIBUTES: [&str; 5] = ["iss", "sub", "aud", "exp", "nbf"];
 
 /// Why a token was refused. The `Display` text is safe to log and to send as a reason string:
 /// it never contains the token.
@@ -56,6 +59,50 @@ pub struct VerifiedToken {
     /// objects flattened with `.` (`kubernetes.io.namespace`); arrays and the registered claims
     /// `exp`, `nbf`, `iat`, `aud`, `jti` are left out.
     pub attributes: BTreeMap<String, String>,
+    /// Every claim as the token carried it.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+impl VerifiedToken {
+    /// The claims as Event Grid client attributes: the claims that are 32-bit integers, strings
+    /// or arrays of strings, except `iss`, `sub`, `aud`, `exp` and `nbf`; claims of other types
+    /// (floats, booleans, objects, arrays of anything else) are left out, as Event Grid does.
+    pub fn event_grid_attributes(&self) -> BTreeMap<String, serde_json::Value> {
+        use serde_json::Value as V;
+        self.claims
+            .iter()
+            .filter(|(k, _)| !EVENT_GRID_NOT_ATTRIBUTES.contains(&k.as_str()))
+            .filter(|(_, v)| match v {
+                V::String(_) => true,
+                V::Number(n) => n.as_i64().is_some_and(|i| i32::try_from(i).is_ok()),
+                V::Array(items) => items.iter().all(V::is_string),
+                _ => false,
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Which `aud` values a verifier accepts.
+#[derive(Debug)]
+enum Audience {
+    /// At least one of these, exactly.
+    OneOf(Vec<String>),
+    /// A host name of this Event Grid namespace: `<namespace>.<any domain>` (first DNS label
+    /// equal ignoring ASCII case, at least two labels), optionally as an `https://` URL.
+    NamespaceHost(String),
+}
+
+impl Audience {
+    fn accepts_namespace_host(namespace: &str, aud: &str) -> bool {
+        let host = aud.strip_prefix("https://").unwrap_or(aud);
+        let host = host.split('/').next().unwrap_or_default();
+        let mut labels = host.split('.');
+        labels
+            .next()
+            .is_some_and(|first| first.eq_ignore_ascii_case(namespace))
+            && labels.next().is_some_and(|l| !l.is_empty())
+    }
 }
 
 struct Key {
@@ -79,8 +126,10 @@ struct Jwks {
 
 /// Verifies the JWTs of one token method.
 pub struct TokenVerifier {
-    audiences: Vec<String>,
+    audience: Audience,
     issuer: Option<String>,
+    /// Event Grid also requires `nbf` and `sub`.
+    event_grid: bool,
     keys: Vec<Key>,
     jwks: Option<Jwks>,
 }
@@ -88,12 +137,31 @@ pub struct TokenVerifier {
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenVerifier")
-            .field("audiences", &self.audiences)
+            .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .field("keys", &self.keys.len())
             .field("jwks", &self.jwks.as_ref().map(|j| j.url.as_str()))
             .finish()
     }
+}
+
+/// The public key of an X.509 certificate (PEM), as a verification key.
+fn certificate_key(index: usize, pem: &str) -> Result<DecodingKey, ConfigError> {
+    use base64::Engine as _;
+    let bad = |message: String| ConfigError::Key { index, message };
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.trim().as_bytes())
+        .map_err(|e| bad(format!("not a PEM certificate ({e})")))?;
+    let cert = block
+        .parse_x509()
+        .map_err(|e| bad(format!("not an X.509 certificate ({e})")))?;
+    let spki = base64::engine::general_purpose::STANDARD.encode(cert.public_key().raw);
+    let mut key_pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+    for chunk in spki.as_bytes().chunks(64) {
+        key_pem.push_str(&String::from_utf8_lossy(chunk));
+        key_pem.push('\n');
+    }
+    key_pem.push_str("-----END PUBLIC KEY-----\n");
+    parse_key(index, &key_pem)
 }
 
 /// Parses one PEM public key (RSA, EC P-256/P-384 or Ed25519, SPKI or PKCS#1).
@@ -148,10 +216,44 @@ impl TokenVerifier {
             }
         };
         Ok(TokenVerifier {
-            audiences: settings.audiences.clone(),
+            audience: Audience::OneOf(settings.audiences.clone()),
             issuer: settings.issuer.clone(),
+            event_grid: false,
             keys,
             jwks,
+        })
+    }
+
+    /// The verifier of an Event Grid namespace's custom JWT authentication: `iss` must be the
+    /// settings' `tokenIssuer`; signatures are checked with the public keys of its issuer
+    /// certificates (a token naming a `kid` only with the certificate of that `kid`); `aud` must
+    /// name a host of the namespace, `<namespace>.<domain>`; `exp`, `nbf` and `sub` are required.
+    pub fn for_event_grid_namespace(
+        namespace: &str,
+        settings: &meridian_contract::CustomJwtAuthentication,
+    ) -> Result<Self, ConfigError> {
+        let keys = settings
+            .issuer_certificates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(Key {
+                    kid: c.kid.clone().filter(|k| !k.is_empty()),
+                    key: certificate_key(i, &c.pem())?,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        if keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "customJwtAuthentication has no issuer certificate".into(),
+            ));
+        }
+        Ok(TokenVerifier {
+            audience: Audience::NamespaceHost(namespace.to_owned()),
+            issuer: Some(settings.token_issuer.clone()),
+            event_grid: true,
+            keys,
+            jwks: None,
         })
     }
 
@@ -260,8 +362,15 @@ impl TokenVerifier {
         let cached = self.jwks.as_ref().map(|j| j.cache.read());
         let published = cached.as_ref().map_or(&[][..], |c| c.keys.as_slice());
         let kid = header.kid.as_deref();
-        // A token naming a key is checked with that key only; one without a kid with every key
-        // of its algorithm's family.
+        // A token naming a key is checked with the keys of that kid only (or, when no key has
+        // it, with the keys that have no kid); one without a kid with every key of its
+        // algorithm's family.
+        let named = kid.is_some_and(|want| {
+            self.keys
+                .iter()
+                .chain(published)
+                .any(|k| k.kid.as_deref() == Some(want))
+        });
         let candidates = self
             .keys
             .iter()
@@ -269,7 +378,8 @@ impl TokenVerifier {
             .filter(|k| k.key.family() == header.alg.family())
             .filter(|k| match (kid, &k.kid) {
                 (Some(want), Some(have)) => want == have,
-                _ => true,
+                (Some(_), None) => !named,
+                (None, _) => true,
             });
         let mut last = None;
         for k in candidates {
@@ -278,7 +388,10 @@ impl TokenVerifier {
                 &k.key,
                 &validation,
             ) {
-                Ok(data) => return Ok(identity(data.claims)),
+                Ok(data) => {
+                    self.check_audience(&data.claims)?;
+                    return Ok(identity(data.claims));
+                }
                 Err(e) => {
                     let e = classify(e);
                     if e != TokenError::BadSignature {
@@ -292,19 +405,46 @@ impl TokenVerifier {
         Err(last.unwrap_or_else(|| TokenError::UnknownKey(kid.map(str::to_owned))))
     }
 
+    /// The audience rules `jsonwebtoken` cannot express (checked after the signature).
+    fn check_audience(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), TokenError> {
+        let Audience::NamespaceHost(ns) = &self.audience else {
+            return Ok(());
+        };
+        let ok = match claims.get("aud") {
+            Some(serde_json::Value::String(a)) => Audience::accepts_namespace_host(ns, a),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .any(|a| Audience::accepts_namespace_host(ns, a)),
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(TokenError::Claims(format!(
+                "audience not accepted (must name a host of namespace {ns:?}: {ns}.<domain>)"
+            )))
+        }
+    }
+
     fn validation(&self, alg: Algorithm) -> Validation {
         let mut v = Validation::new(alg);
         v.leeway = LEEWAY_SECONDS;
         v.validate_nbf = true;
-        // With no audience configured no token can match (fail closed; `validate` in the
-        // contract refuses such a method anyway).
-        let audiences: &[String] = if self.audiences.is_empty() {
-            &[String::new()]
-        } else {
-            &self.audiences
-        };
-        v.set_audience(audiences);
+        match &self.audience {
+            // With no audience configured no token can match (fail closed; `validate` in the
+            // contract refuses such a method anyway).
+            Audience::OneOf(list) if list.is_empty() => v.set_audience(&[String::new()]),
+            Audience::OneOf(list) => v.set_audience(list),
+            Audience::NamespaceHost(_) => v.validate_aud = false,
+        }
         let mut required = vec!["exp", "aud"];
+        if self.event_grid {
+            required.extend(["nbf", "sub"]);
+        }
         if let Some(iss) = &self.issuer {
             v.set_issuer(&[iss]);
             required.push("iss");
@@ -349,6 +489,7 @@ fn identity(claims: serde_json::Map<String, serde_json::Value>) -> VerifiedToken
         subject,
         expires_at,
         attributes,
+        claims,
     }
 }
 

@@ -379,3 +379,137 @@ fn custom_endpoint_must_be_https_unless_loopback() {
     s.ca_cert_pem = Some("not a pem".into());
     assert!(CustomAuthenticator::new(&s).is_err());
 }
+
+/// An Event Grid namespace's custom JWT authentication: keys from issuer certificates (made here
+/// with rcgen), the namespace's issuer and host as audience, Event Grid's attribute rules.
+#[tokio::test]
+async fn event_grid_namespace_tokens_are_checked_against_its_issuer_certificates() {
+    use meridian_contract::{CustomJwtAuthentication, IssuerCertificate};
+    init();
+    let certified = |kid: &'static str| {
+        let kp = rcgen::KeyPair::generate().expect("P-256 key");
+        let cert = rcgen::CertificateParams::new(vec!["issuer.test".into()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        (
+            Signer {
+                enc: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+                public_pem: kp.public_key_pem(),
+                kid,
+            },
+            cert.pem(),
+        )
+    };
+    let (current, current_cert) = certified("current");
+    let (next, next_cert) = certified("next");
+    let (stranger, _) = certified("current");
+    // The second certificate as bare base64 (the armour stripped), as the resources may carry it.
+    let bare: String = next_cert
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let settings = CustomJwtAuthentication {
+        token_issuer: "https://idp.test".into(),
+        issuer_certificates: vec![
+            IssuerCertificate {
+                kid: Some("current".into()),
+                encoded_certificate: current_cert,
+            },
+            IssuerCertificate {
+                kid: None,
+                encoded_certificate: bare,
+            },
+        ],
+    };
+    let v = TokenVerifier::for_event_grid_namespace("fleet", &settings).unwrap();
+    let n = now();
+    let claims = |aud: serde_json::Value| {
+        json!({"iss": "https://idp.test", "sub": "dev-9", "aud": aud, "exp": n + 600,
+               "nbf": n - 10, "num": 7, "big": 5_000_000_000u64, "ratio": 1.5, "str": "s",
+               "list": ["a", "b"], "ints": [1, 2], "obj": {"k": "v"}, "flag": true})
+    };
+    let ok = v
+        .verify(&current.mint(claims(json!("fleet.example.com")), true))
+        .await
+        .expect("valid token");
+    assert_eq!(ok.subject.as_deref(), Some("dev-9"));
+    assert_eq!(
+        ok.event_grid_attributes(),
+        BTreeMap::from([
+            ("list".to_string(), json!(["a", "b"])),
+            ("num".to_string(), json!(7)),
+            ("str".to_string(), json!("s")),
+        ]),
+        "int32, string and string-array claims only; iss/sub/aud/exp/nbf left out"
+    );
+    // The rotation certificate, no kid; an array audience with one namespace host; an https URL.
+    v.verify(&next.mint(
+        claims(json!(["someone-else", "FLEET.eventgrid.example.net"])),
+        false,
+    ))
+    .await
+    .expect("second issuer certificate");
+    v.verify(&next.mint(claims(json!("https://fleet.example.com/")), false))
+        .await
+        .expect("https URL audience");
+
+    let refused = |token: String| {
+        let v = &v;
+        async move { v.verify(&token).await.unwrap_err() }
+    };
+    let aud = |a: &str| claims(json!(a));
+    for (why, token) in [
+        (
+            "another namespace's host",
+            current.mint(aud("fleet2.example.com"), true),
+        ),
+        ("the bare namespace name", current.mint(aud("fleet"), true)),
+        (
+            "a key no certificate holds",
+            stranger.mint(aud("fleet.example.com"), true),
+        ),
+        // kid `current` names the first certificate: the second key may not stand in.
+        ("the rotation key under the first kid", {
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = Some("current".into());
+            jsonwebtoken::encode(&h, &aud("fleet.example.com"), &next.enc).unwrap()
+        }),
+    ] {
+        let e = refused(token).await;
+        assert!(
+            matches!(e, TokenError::Claims(_) | TokenError::BadSignature),
+            "{why}: {e:?}"
+        );
+    }
+    let mut wrong_issuer = aud("fleet.example.com");
+    wrong_issuer["iss"] = json!("https://other-idp.test");
+    let e = refused(current.mint(wrong_issuer, true)).await;
+    assert!(e.to_string().contains("issuer"), "{e}");
+    for missing in ["nbf", "sub", "exp"] {
+        let mut c = aud("fleet.example.com");
+        c.as_object_mut().unwrap().remove(missing);
+        let e = refused(current.mint(c, true)).await;
+        assert!(
+            matches!(e, TokenError::Claims(_)),
+            "without {missing}: {e:?}"
+        );
+    }
+    let mut expired = aud("fleet.example.com");
+    expired["exp"] = json!(n - 600);
+    assert_eq!(
+        refused(current.mint(expired, true)).await,
+        TokenError::Expired
+    );
+
+    // Settings that cannot work are refused when the snapshot is applied.
+    let bad = CustomJwtAuthentication {
+        token_issuer: "i".into(),
+        issuer_certificates: vec![IssuerCertificate {
+            kid: None,
+            encoded_certificate: "bm90IGEgY2VydGlmaWNhdGU=".into(),
+        }],
+    };
+    let e = TokenVerifier::for_event_grid_namespace("fleet", &bad).unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+}

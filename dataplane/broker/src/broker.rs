@@ -770,6 +770,7 @@ impl Broker {
                     cert: cert.clone(),
                     key: key.clone(),
                     client_ca: l.client_ca.clone(),
+                    client_cert_optional: false,
                 }),
                 _ => None,
             };

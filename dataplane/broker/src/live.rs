@@ -87,6 +87,9 @@ pub(crate) enum Credential {
     Certificate,
     /// An Event Grid namespace client (certificate checked against the registry).
     Namespace,
+    /// An Event Grid namespace client admitted by the namespace's custom JWT authentication;
+    /// kept to re-verify it after a swap.
+    NamespaceToken { token: Secret },
     /// A JWT accepted by a `ServiceAccountToken` method; kept to re-verify it after a swap.
     Token { token: Secret },
     /// Admitted by the `Custom` method calling this endpoint.
@@ -106,6 +109,10 @@ impl std::fmt::Debug for Secret {
 /// MQTT 5 authentication methods whose Authentication Data is a JWT (IoT Operations `K8S-SAT`,
 /// Event Grid `OAUTH2-JWT`, and plain `JWT`), verified by the port's `ServiceAccountToken` methods.
 pub(crate) const TOKEN_METHODS: [&str; 3] = ["K8S-SAT", "OAUTH2-JWT", "JWT"];
+
+/// MQTT 5 authentication methods of an Event Grid namespace's custom JWT authentication:
+/// `CUSTOM-JWT` (what Event Grid documents today) and `OAUTH2-JWT` (its earlier name).
+pub(crate) const NAMESPACE_TOKEN_METHODS: [&str; 2] = ["CUSTOM-JWT", "OAUTH2-JWT"];
 
 /// An argon2 PHC string; `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -213,9 +220,26 @@ impl PortPolicy {
     /// Re-checks a connected client against this (new) policy.
     fn recheck<'a>(
         &self,
+        namespaces: &HashMap<String, Arc<NamespaceAuth>>,
         g: &Guard,
         filters: impl Iterator<Item = &'a String>,
     ) -> Result<(), String> {
+        if let Credential::NamespaceToken { token } = &*g.credential.lock() {
+            let ns = g.principal.namespace.as_deref().unwrap_or_default();
+            let Some(v) = namespaces
+                .get(&ns.to_ascii_lowercase())
+                .and_then(|n| n.jwt.as_ref())
+            else {
+                return Err(format!(
+                    "namespace '{ns}' no longer accepts tokens (custom JWT authentication removed)"
+                ));
+            };
+            match v.verify_cached(&token.0) {
+                // Expiry is the 0xA0 timer's business (the client may re-authenticate).
+                Ok(_) | Err(meridian_authn::TokenError::Expired) => {}
+                Err(e) => return Err(format!("the client's token is no longer accepted: {e}")),
+            }
+        }
         if let Some(a) = &self.authn {
             match &*g.credential.lock() {
                 Credential::Open => {
@@ -240,7 +264,7 @@ impl PortPolicy {
                         return Err("X.509 authentication was removed from this listener".into());
                     }
                 }
-                Credential::Namespace => {}
+                Credential::Namespace | Credential::NamespaceToken { .. } => {}
                 Credential::Token { token } => {
                     if a.tokens.is_empty() {
                         return Err("token authentication was removed from this listener".into());
@@ -315,6 +339,8 @@ struct PasswordEntry {
 struct NamespaceAuth {
     name: String,
     sources: Vec<x509::AuthenticationNameSource>,
+    /// The namespace's custom JWT authentication, when configured.
+    jwt: Option<Arc<meridian_authn::TokenVerifier>>,
     /// Verifies a client's chain against this namespace's own CA certificates. The TLS port
     /// trusts the union of every bound namespace's CAs (it cannot know the tenant before the
     /// handshake ends), so without this check a certificate issued by namespace A's CA would
@@ -329,6 +355,7 @@ impl std::fmt::Debug for NamespaceAuth {
             .field("name", &self.name)
             .field("sources", &self.sources)
             .field("trust", &self.trust.is_some())
+            .field("jwt", &self.jwt.is_some())
             .finish()
     }
 }
@@ -610,12 +637,22 @@ pub(crate) async fn admit(
     };
     let method = connect.properties.authentication_method.clone();
     let (credential, expires_at_ms) = if let Some(ns) = sni_namespace {
-        if method.is_some() {
-            // Namespace clients authenticate by certificate only.
-            return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
+        match method.as_deref() {
+            None => {
+                namespace_client(&port, ns, connect, tls, &mut principal)?;
+                (Credential::Namespace, 0)
+            }
+            Some(m) if NAMESPACE_TOKEN_METHODS.contains(&m) => {
+                let data = connect
+                    .properties
+                    .authentication_data
+                    .as_deref()
+                    .unwrap_or_default();
+                namespace_token_client(ns, client_id, data, &mut principal).await?
+            }
+            // Certificates and the namespace's tokens are the only ways in.
+            Some(_) => return Err(ReasonCode::BAD_AUTHENTICATION_METHOD),
         }
-        namespace_client(&port, ns, connect, tls, &mut principal)?;
-        (Credential::Namespace, 0)
     } else {
         match &port.authn {
             None if method.is_some() => return Err(ReasonCode::BAD_AUTHENTICATION_METHOD),
@@ -705,6 +742,9 @@ async fn reauth_verdict(
     client_id: &str,
     data: Vec<u8>,
 ) -> Result<(Credential, u64), (ReasonCode, String)> {
+    if matches!(&*guard.credential.lock(), Credential::NamespaceToken { .. }) {
+        return namespace_reauth_verdict(shared, guard, client_id, &data).await;
+    }
     let port = shared.live.state.read().ports.get(&guard.slot).cloned();
     let Some(port) = port else {
         return Err((
@@ -778,6 +818,94 @@ async fn reauth_verdict(
     Err((
         ReasonCode::BAD_AUTHENTICATION_METHOD,
         format!("authentication method {method:?} is no longer offered on this listener"),
+    ))
+}
+
+/// Re-authentication of a namespace token client: the new token must verify with the
+/// namespace's current settings and prove the same authentication name and attributes.
+async fn namespace_reauth_verdict(
+    shared: &Shared,
+    guard: &Guard,
+    client_id: &str,
+    data: &[u8],
+) -> Result<(Credential, u64), (ReasonCode, String)> {
+    let ns_name = guard.principal.namespace.as_deref().unwrap_or_default();
+    let ns = shared
+        .live
+        .state
+        .read()
+        .namespaces
+        .get(&ns_name.to_ascii_lowercase())
+        .cloned();
+    let Some(ns) = ns.filter(|n| n.jwt.is_some()) else {
+        return Err((
+            ReasonCode::BAD_AUTHENTICATION_METHOD,
+            format!("namespace '{ns_name}' no longer accepts tokens"),
+        ));
+    };
+    let mut proved = Principal::new(client_id);
+    let (credential, expires_at_ms) = namespace_token_client(&ns, client_id, data, &mut proved)
+        .await
+        .map_err(|_| {
+            (
+                ReasonCode::NOT_AUTHORIZED,
+                "re-authentication failed: the token was refused".to_string(),
+            )
+        })?;
+    if proved.authentication_name != guard.principal.authentication_name
+        || proved.token_attributes != guard.principal.token_attributes
+    {
+        return Err((
+            ReasonCode::NOT_AUTHORIZED,
+            "re-authentication proved a different identity; reconnect to change it".to_string(),
+        ));
+    }
+    Ok((credential, expires_at_ms))
+}
+
+/// An Event Grid client presenting a token to namespace `ns` (MQTT 5 authentication method
+/// `CUSTOM-JWT`/`OAUTH2-JWT`, the JWT as authentication data): verified by the namespace's
+/// custom JWT authentication; `sub` is its authentication name, the claims its attributes.
+/// A namespace without custom JWT authentication answers 0x8C; a refused token 0x86.
+async fn namespace_token_client(
+    ns: &NamespaceAuth,
+    client_id: &str,
+    data: &[u8],
+    principal: &mut Principal,
+) -> Result<(Credential, u64), ReasonCode> {
+    let verifier = ns
+        .jwt
+        .as_ref()
+        .ok_or(ReasonCode::BAD_AUTHENTICATION_METHOD)?;
+    let token = std::str::from_utf8(data)
+        .map_err(|_| ReasonCode::BAD_USER_NAME_OR_PASSWORD)?
+        .trim();
+    let verified = verifier.verify(token).await.map_err(|e| {
+        tracing::debug!(
+            client = client_id,
+            namespace = ns.name,
+            "token refused: {e}"
+        );
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD
+    })?;
+    let name = verified
+        .subject
+        .clone()
+        .filter(|s| !s.is_empty())
+        .ok_or(ReasonCode::BAD_USER_NAME_OR_PASSWORD)?;
+    let attributes: BTreeMap<String, pm::AttributeValue> = verified
+        .event_grid_attributes()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_value::<pm::AttributeValue>(v).ok()?)))
+        .collect();
+    principal.namespace = Some(ns.name.clone());
+    principal.authentication_name = Some(name);
+    principal.token_attributes = Some(meridian_policy::TokenAttributes::from(attributes));
+    Ok((
+        Credential::NamespaceToken {
+            token: Secret(Arc::from(token)),
+        },
+        unix_ms(verified.expires_at),
     ))
 }
 
@@ -1083,6 +1211,8 @@ struct PlannedPort {
     tls: Option<PlannedTls>,
     /// Client CA bundle (PEM); empty = no client certificates.
     client_ca: String,
+    /// A client may present no certificate (a namespace admits token clients).
+    client_cert_optional: bool,
     fingerprint: String,
     policy: PortPolicy,
 }
@@ -1348,7 +1478,11 @@ fn enforce(
                         .unwrap_or_else(|| "the listener was closed".into()),
                 )),
                 Some(port) => port
-                    .recheck(&guard, inner.session.subscriptions.keys())
+                    .recheck(
+                        &state.namespaces,
+                        &guard,
+                        inner.session.subscriptions.keys(),
+                    )
                     .map_err(|why| (ReasonCode::NOT_AUTHORIZED, why)),
             };
             match verdict {
@@ -1404,7 +1538,7 @@ pub(crate) fn after_attach(shared: &Shared, handle: &Arc<crate::broker::SessionH
         &guard,
         "subscription of the resumed session is not authorized; removed",
     );
-    if let Err(why) = port.recheck(&guard, std::iter::empty()) {
+    if let Err(why) = port.recheck(&state.namespaces, &guard, std::iter::empty()) {
         guard.revoke(why);
         out.kick(ReasonCode::NOT_AUTHORIZED.0);
     }
@@ -1608,6 +1742,8 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
     let mut namespace_models = Vec::new();
     let mut namespaces = HashMap::new();
     let mut namespace_cas = String::new();
+    // Some served namespace admits token clients, who present no certificate.
+    let mut namespace_tokens = false;
     for ns in &snap.namespaces {
         let mut anchors = Vec::new();
         for ca in &ns.ca_certificates {
@@ -1654,12 +1790,31 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
                 )
             })?);
         }
+        let jwt = match &ns.custom_jwt_authentication {
+            None => None,
+            Some(settings) => {
+                let v = meridian_authn::TokenVerifier::for_event_grid_namespace(&ns.name, settings)
+                    .map_err(|e| {
+                        reject(
+                            generation,
+                            &ns.id,
+                            format!(
+                                "namespace '{}': customJwtAuthentication issuer certificate {e}",
+                                ns.name
+                            ),
+                        )
+                    })?;
+                namespace_tokens = true;
+                Some(Arc::new(v))
+            }
+        };
         namespaces.insert(
             ns.name.to_lowercase(),
             Arc::new(NamespaceAuth {
                 name: ns.name.clone(),
                 sources,
                 trust,
+                jwt,
             }),
         );
         namespace_models.push(model);
@@ -1810,6 +1965,7 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
                 // Plain ports cannot see client certificates.
                 client_ca.clear();
             }
+            let client_cert_optional = namespace_tokens && !client_ca.is_empty();
             let fingerprint = {
                 let material = match &tls {
                     None => String::new(),
@@ -1819,7 +1975,7 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
                     Some(PlannedTls::Automatic { sans }) => format!("auto:{}", sans.join(",")),
                 };
                 format!(
-                    "{}|{material}|{}",
+                    "{}|{material}|{}|{client_cert_optional}",
                     transport.scheme(),
                     meridian_contract::sha256_hex(client_ca.as_bytes())
                 )
@@ -1837,6 +1993,7 @@ fn plan(snap: &BrokerSnapshot, node_jwt_keys: &[String]) -> Result<Plan, Rejecti
                 transport,
                 tls,
                 client_ca,
+                client_cert_optional,
                 fingerprint,
                 policy: PortPolicy {
                     authn,
@@ -1903,6 +2060,7 @@ async fn bind(
                 cert: write_material(dir, "crt.pem", &cert).map_err(io)?,
                 key: write_material(dir, "key.pem", &key).map_err(io)?,
                 client_ca,
+                client_cert_optional: p.client_cert_optional,
             })
         }
     };

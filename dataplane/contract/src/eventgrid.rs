@@ -20,6 +20,11 @@ pub struct EventGridNamespace {
     /// (`ClientCertificateSubject`, `ClientCertificateDns`, ...).
     #[serde(default)]
     pub alternative_authentication_name_sources: Vec<String>,
+    /// `clientAuthentication.customJwtAuthentication`: clients may authenticate with a JWT of
+    /// this issuer instead of a certificate (MQTT 5 only: authentication method `CUSTOM-JWT` or
+    /// `OAUTH2-JWT`, the token as authentication data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_jwt_authentication: Option<CustomJwtAuthentication>,
     /// `maximumSessionExpiryInHours`, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maximum_session_expiry_in_hours: Option<u32>,
@@ -41,6 +46,36 @@ pub struct EventGridNamespace {
     /// CA certificates trusted for this namespace's client certificates, sorted by id.
     #[serde(default)]
     pub ca_certificates: Vec<CaCertificate>,
+}
+
+/// Spec `CustomJwtAuthenticationSettings`, with the issuer certificates inline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomJwtAuthentication {
+    /// The `iss` every token must carry.
+    pub token_issuer: String,
+    /// Certificates whose public keys verify the tokens' signatures (the spec allows two, for
+    /// rotation).
+    #[serde(default)]
+    pub issuer_certificates: Vec<IssuerCertificate>,
+}
+
+/// Spec `EncodedIssuerCertificateInfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerCertificate {
+    /// Key id: a token whose header names a `kid` is checked with this certificate only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    /// The certificate, PEM or bare base64 DER (as [`CaCertificate::encoded_certificate`]).
+    pub encoded_certificate: String,
+}
+
+impl IssuerCertificate {
+    /// The certificate as a PEM block.
+    pub fn pem(&self) -> String {
+        armoured(&self.encoded_certificate)
+    }
 }
 
 /// `namespaces/clients/{c}`.
@@ -185,21 +220,26 @@ const PEM_END: &str = "-----END CERTIFICATE-----";
 impl CaCertificate {
     /// The certificate as a PEM block (armour added when the resource holds bare base64).
     pub fn pem(&self) -> String {
-        let text = self.encoded_certificate.trim();
-        if text.starts_with("-----BEGIN") {
-            return format!("{text}\n");
-        }
-        let body: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        let mut pem = String::with_capacity(body.len() + body.len() / 64 + 64);
-        pem.push_str(PEM_BEGIN);
-        pem.push('\n');
-        // PEM wraps base64 at 64 columns (RFC 7468); base64 is ASCII, so byte chunks are chars.
-        for chunk in body.as_bytes().chunks(64) {
-            pem.push_str(&String::from_utf8_lossy(chunk));
-            pem.push('\n');
-        }
-        pem.push_str(PEM_END);
-        pem.push('\n');
-        pem
+        armoured(&self.encoded_certificate)
     }
+}
+
+/// A certificate as a PEM block: a PEM block as it is, bare base64 wrapped in armour.
+fn armoured(encoded: &str) -> String {
+    let text = encoded.trim();
+    if text.starts_with("-----BEGIN") {
+        return format!("{text}\n");
+    }
+    let body: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut pem = String::with_capacity(body.len() + body.len() / 64 + 64);
+    pem.push_str(PEM_BEGIN);
+    pem.push('\n');
+    // PEM wraps base64 at 64 columns (RFC 7468); base64 is ASCII, so byte chunks are chars.
+    for chunk in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(chunk));
+        pem.push('\n');
+    }
+    pem.push_str(PEM_END);
+    pem.push('\n');
+    pem
 }

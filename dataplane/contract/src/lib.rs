@@ -59,8 +59,9 @@ pub use connect::{
 };
 pub use digest::sha256_hex;
 pub use eventgrid::{
-    CaCertificate, ClientCertificateAuthentication, ClientGroup, ClientState, EventGridNamespace,
-    NamespaceClient, PermissionBinding, PermissionType, TopicSpace, ValidationScheme,
+    CaCertificate, ClientCertificateAuthentication, ClientGroup, ClientState,
+    CustomJwtAuthentication, EventGridNamespace, IssuerCertificate, NamespaceClient,
+    PermissionBinding, PermissionType, TopicSpace, ValidationScheme,
 };
 pub use limits::{Limits, QueueStrategy};
 pub use listener::{
@@ -70,7 +71,7 @@ pub use listener::{
 pub use node::{
     Applied, NodeError, NodeHealth, NodeReport, NodeView, Rejection, ReportAnswer, SnapshotSink,
 };
-pub use validate::{InvalidSnapshot, Violation};
+pub use validate::{InvalidSnapshot, MAX_ISSUER_CERTIFICATES, Violation};
 
 /// The contract's major version. Bump it only for incompatible changes (see the crate docs).
 pub const SCHEMA_VERSION: u32 = 1;

@@ -34,6 +34,10 @@ pub struct InvalidSnapshot {
     pub violations: Vec<Violation>,
 }
 
+/// Event Grid accepts two issuer certificates per namespace, for key rotation (Event Grid
+/// documentation, "Authenticate with namespaces using JSON Web Tokens").
+pub const MAX_ISSUER_CERTIFICATES: usize = 2;
+
 fn join(violations: &[Violation]) -> String {
     violations
         .iter()
@@ -426,6 +430,26 @@ impl BrokerSnapshot {
             for ca in &ns.ca_certificates {
                 if ca.encoded_certificate.trim().is_empty() {
                     c.fail(&ca.id, "CA certificate has no encodedCertificate");
+                }
+            }
+            if let Some(jwt) = &ns.custom_jwt_authentication {
+                if jwt.token_issuer.trim().is_empty() {
+                    c.fail(&ns.id, "customJwtAuthentication has no tokenIssuer");
+                }
+                match jwt.issuer_certificates.len() {
+                    0 => c.fail(&ns.id, "customJwtAuthentication has no issuer certificate"),
+                    1 | 2 => {}
+                    n => c.fail(
+                        &ns.id,
+                        format!(
+                            "customJwtAuthentication has {n} issuer certificates; at most {MAX_ISSUER_CERTIFICATES}"
+                        ),
+                    ),
+                }
+                for cert in &jwt.issuer_certificates {
+                    if cert.encoded_certificate.trim().is_empty() {
+                        c.fail(&ns.id, "an issuer certificate has no encodedCertificate");
+                    }
                 }
             }
         }

@@ -8,12 +8,13 @@ use meridian_contract::{
     AuthenticationMethod, AuthenticationPolicy, AuthorizationPolicy, AuthorizationRule,
     AutomaticCertificate, Bridge, BridgeRoute, BridgeTopicMap, BrokerFlavor, BrokerMethod,
     BrokerResourceRule, BrokerSnapshot, CaCertificate, CertificateIssuer, ClientGroup, ClientState,
-    ContractError, CustomAuthSettings, Dataflow, DataflowDestination, DataflowEndpoint,
-    DataflowOperation, DataflowProfile, DataflowSource, EventGridNamespace, Limits, Listener,
-    ListenerPort, ListenerTls, ManualCertificate, MqttEndpointSettings, NamespaceClient,
-    PasswordCredential, PermissionBinding, PermissionType, Principals, Protocol, QueueStrategy,
-    RemoteBrokerConnection, SCHEMA_VERSION, ServerCertificate, SourceRef, SubjectAltNames,
-    TokenSettings, TopicSpace, UsernamePasswordSettings, X509Attributes, X509Settings,
+    ContractError, CustomAuthSettings, CustomJwtAuthentication, Dataflow, DataflowDestination,
+    DataflowEndpoint, DataflowOperation, DataflowProfile, DataflowSource, EventGridNamespace,
+    IssuerCertificate, Limits, Listener, ListenerPort, ListenerTls, ManualCertificate,
+    MqttEndpointSettings, NamespaceClient, PasswordCredential, PermissionBinding, PermissionType,
+    Principals, Protocol, QueueStrategy, RemoteBrokerConnection, SCHEMA_VERSION, ServerCertificate,
+    SourceRef, SubjectAltNames, TokenSettings, TopicSpace, UsernamePasswordSettings,
+    X509Attributes, X509Settings,
 };
 use serde_json::{Map, Value, json};
 
@@ -167,6 +168,13 @@ fn full() -> BrokerSnapshot {
         name: "fleet".into(),
         topic_spaces_enabled: true,
         alternative_authentication_name_sources: vec!["ClientCertificateSubject".into()],
+        custom_jwt_authentication: Some(CustomJwtAuthentication {
+            token_issuer: "https://issuer.example.com".into(),
+            issuer_certificates: vec![IssuerCertificate {
+                kid: Some("k1".into()),
+                encoded_certificate: "MIIB".into(),
+            }],
+        }),
         maximum_session_expiry_in_hours: Some(1),
         maximum_client_sessions_per_authentication_name: None,
         clients: vec![NamespaceClient {
@@ -582,4 +590,37 @@ fn ca_certificate_pem_wraps_bare_base64_and_keeps_pem() {
         ..bare
     };
     assert_eq!(pem.pem(), format!("{}\n", pem.encoded_certificate));
+}
+
+#[test]
+fn custom_jwt_authentication_needs_an_issuer_and_one_or_two_certificates() {
+    let cert = |c: &str| IssuerCertificate {
+        kid: None,
+        encoded_certificate: c.into(),
+    };
+    let mut s = full();
+    let ns_id = s.namespaces[0].id.clone();
+    let jwt = s.namespaces[0].custom_jwt_authentication.as_mut().unwrap();
+    jwt.token_issuer = " ".into();
+    jwt.issuer_certificates = vec![cert("a"), cert(""), cert("c")];
+    let msgs: Vec<String> = s
+        .validate()
+        .unwrap_err()
+        .violations
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(
+        msgs,
+        vec![
+            format!("{ns_id}: customJwtAuthentication has no tokenIssuer"),
+            format!("{ns_id}: customJwtAuthentication has 3 issuer certificates; at most 2"),
+            format!("{ns_id}: an issuer certificate has no encodedCertificate"),
+        ]
+    );
+    let jwt = s.namespaces[0].custom_jwt_authentication.as_mut().unwrap();
+    jwt.token_issuer = "iss".into();
+    jwt.issuer_certificates.clear();
+    let err = s.validate().unwrap_err().to_string();
+    assert!(err.contains("no issuer certificate"), "{err}");
 }

@@ -61,8 +61,11 @@ impl Transport {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// When set, clients must present a certificate chaining to one of these CAs.
+    /// When set, a client certificate must chain to one of these CAs.
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: clients may also present no certificate at all (and authenticate
+    /// otherwise); one they present must still chain to `client_ca`.
+    pub client_cert_optional: bool,
 }
 
 /// One listener, parsed from `mqtt://host:port`, `mqtts://host:port`, `ws://host:port[/path]`,

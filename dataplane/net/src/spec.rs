@@ -200,6 +200,7 @@ mod tests {
             cert: cert.clone(),
             key: key.clone(),
             client_ca,
+            client_cert_optional: false,
         };
         let r = reason(ListenerSpec::parse(
             "wss://127.0.0.1:8443",
@@ -229,6 +230,7 @@ mod tests {
             cert: "/nonexistent/c.pem".into(),
             key: "/nonexistent/k.pem".into(),
             client_ca: None,
+            client_cert_optional: false,
         };
         let s = ListenerSpec::parse("mqtt://127.0.0.1:1883", Some(files)).unwrap();
         assert!(s.tls.is_none());

@@ -12,7 +12,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::{NetError, TlsFiles, TlsInfo};
 
 /// Builds the server configuration for a TLS listener: certificate chain and key from PEM, and when
-/// `client_ca` is set, a verifier that requires a client certificate chaining to those CAs.
+/// `client_ca` is set, a verifier that requires a client certificate chaining to those CAs (or,
+/// with `client_cert_optional`, checks one only when the client presents it).
 ///
 /// The provider is passed explicitly (ring) rather than taken from the process default, so TLS
 /// setup never depends on which crates happened to install one.
@@ -46,7 +47,12 @@ pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfi
                     ca.display()
                 )));
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if files.client_cert_optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
                 .build()
                 .map_err(|e| NetError::Tls(format!("client CA {}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)

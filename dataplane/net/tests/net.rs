@@ -55,6 +55,7 @@ impl Pki {
             cert: self.dir.path().join("server.pem"),
             key: self.dir.path().join("server.key"),
             client_ca: require_client_cert.then(|| self.dir.path().join("ca.pem")),
+            client_cert_optional: false,
         }
     }
 

@@ -13,7 +13,8 @@
 //! 1,000 rules cheap as long as they do not all start with a wildcard. Owners (a rule's
 //! principals, a binding's group) are checked per candidate: a hash lookup or a precomputed
 //! group-membership flag, because Event Grid group membership depends only on registry data and
-//! is evaluated once at compile time.
+//! is evaluated once at compile time (clients admitted by a token are not in the registry: their
+//! group queries are evaluated per candidate).
 
 use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
@@ -26,8 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::PolicyError;
 use crate::model::{
-    BrokerMethod, ClientState, EventGridClient, EventGridNamespace, IotAuthorization, Permission,
-    PolicyModel,
+    AttributeValue, BrokerMethod, ClientState, EventGridClient, EventGridNamespace,
+    IotAuthorization, Permission, PolicyModel,
 };
 use crate::query::{ClientGroupQuery, QuerySubject};
 use crate::template::{ClientIdPattern, Dialect, First, Template, Var, Vars};
@@ -59,6 +60,50 @@ pub struct Principal {
     /// IoT Operations domain.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// An Event Grid client that authenticated with a token (the namespace's custom JWT
+    /// authentication): its claims as client attributes. Such a client needs no registration: it
+    /// is judged by these attributes (group queries, `${client.attributes.X}`), unless a
+    /// registered client with the same authentication name is Disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_attributes: Option<TokenAttributes>,
+}
+
+/// The client attributes a token gave an Event Grid client, with their template values
+/// precomputed so that deciding allocates nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    from = "BTreeMap<String, AttributeValue>",
+    into = "BTreeMap<String, AttributeValue>"
+)]
+pub struct TokenAttributes {
+    attributes: BTreeMap<String, AttributeValue>,
+    template_values: BTreeMap<String, String>,
+}
+
+impl From<BTreeMap<String, AttributeValue>> for TokenAttributes {
+    fn from(attributes: BTreeMap<String, AttributeValue>) -> Self {
+        let template_values = attributes
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_template_value()?)))
+            .collect();
+        TokenAttributes {
+            attributes,
+            template_values,
+        }
+    }
+}
+
+impl From<TokenAttributes> for BTreeMap<String, AttributeValue> {
+    fn from(t: TokenAttributes) -> Self {
+        t.attributes
+    }
+}
+
+impl TokenAttributes {
+    /// The attributes as the token gave them.
+    pub fn attributes(&self) -> &BTreeMap<String, AttributeValue> {
+        &self.attributes
+    }
 }
 
 impl Principal {
@@ -87,6 +132,15 @@ impl Principal {
     ) -> Principal {
         self.namespace = Some(namespace.into());
         self.authentication_name = Some(authentication_name.into());
+        self
+    }
+
+    /// An Event Grid principal that a token authenticated, with the token's attributes.
+    pub fn with_token_attributes(
+        mut self,
+        attributes: BTreeMap<String, AttributeValue>,
+    ) -> Principal {
+        self.token_attributes = Some(attributes.into());
         self
     }
 }
@@ -137,6 +191,12 @@ pub enum RuleRef {
         namespace: Arc<str>,
         client: Arc<str>,
     },
+    /// A client the namespace's custom JWT authentication admitted (not registered).
+    #[serde(rename_all = "camelCase")]
+    EventGridToken {
+        namespace: Arc<str>,
+        authentication_name: Arc<str>,
+    },
 }
 
 impl fmt::Display for RuleRef {
@@ -171,6 +231,13 @@ impl fmt::Display for RuleRef {
             RuleRef::EventGridClient { namespace, client } => {
                 write!(f, "namespace {namespace:?} client {client:?}")
             }
+            RuleRef::EventGridToken {
+                namespace,
+                authentication_name,
+            } => write!(
+                f,
+                "namespace {namespace:?} token client {authentication_name:?} (custom JWT authentication)"
+            ),
         }
     }
 }
@@ -475,14 +542,89 @@ struct Client {
     in_group: Box<[bool]>,
 }
 
-struct ClientVars<'a>(&'a Client);
+/// Who an Event Grid decision is about.
+enum Subject<'a> {
+    /// A registered client (certificate authentication).
+    Registered(&'a Client),
+    /// A client admitted by the namespace's custom JWT authentication: its token's `sub` and
+    /// claims, group membership evaluated per decision.
+    Token {
+        authentication_name: &'a str,
+        attributes: &'a TokenAttributes,
+    },
+}
 
-impl Vars for ClientVars<'_> {
+impl Subject<'_> {
+    fn in_group(&self, ns: &Namespace, group: usize) -> bool {
+        match self {
+            Subject::Registered(c) => c.in_group[group],
+            Subject::Token {
+                authentication_name,
+                attributes,
+            } => ns.queries[group].as_ref().is_none_or(|q| {
+                q.matches(&QuerySubject {
+                    authentication_name,
+                    attributes: &attributes.attributes,
+                })
+            }),
+        }
+    }
+
+    fn vars(&self) -> SubjectVars<'_> {
+        match self {
+            // Topic matching uses the registered spelling, as Event Grid does.
+            Subject::Registered(c) => SubjectVars {
+                authentication_name: &c.authentication_name,
+                template_values: &c.template_values,
+            },
+            Subject::Token {
+                authentication_name,
+                attributes,
+            } => SubjectVars {
+                authentication_name,
+                template_values: &attributes.template_values,
+            },
+        }
+    }
+
+    /// How explanations name the subject.
+    fn describe(&self) -> String {
+        match self {
+            Subject::Registered(c) => format!("client {:?}", c.name),
+            Subject::Token {
+                authentication_name,
+                ..
+            } => format!("token client {authentication_name:?}"),
+        }
+    }
+
+    fn connect_ref(&self, ns: &Namespace) -> RuleRef {
+        match self {
+            Subject::Registered(c) => RuleRef::EventGridClient {
+                namespace: ns.name.clone(),
+                client: c.name.clone(),
+            },
+            Subject::Token {
+                authentication_name,
+                ..
+            } => RuleRef::EventGridToken {
+                namespace: ns.name.clone(),
+                authentication_name: Arc::from(*authentication_name),
+            },
+        }
+    }
+}
+
+struct SubjectVars<'a> {
+    authentication_name: &'a str,
+    template_values: &'a BTreeMap<String, String>,
+}
+
+impl Vars for SubjectVars<'_> {
     fn get(&self, var: &Var) -> Option<&str> {
         match var {
-            // Topic matching uses the registered spelling, as Event Grid does.
-            Var::AuthenticationName => Some(&self.0.authentication_name),
-            Var::ClientAttribute(name) => self.0.template_values.get(&**name).map(String::as_str),
+            Var::AuthenticationName => Some(self.authentication_name),
+            Var::ClientAttribute(name) => self.template_values.get(&**name).map(String::as_str),
             Var::ClientId | Var::Username | Var::PrincipalAttribute(_) => None,
         }
     }
@@ -500,6 +642,8 @@ struct Namespace {
     /// Caseless hash of the authentication name → client indices.
     by_auth_name: HashMap<u64, Vec<u32>>,
     group_names: Vec<Arc<str>>,
+    /// Each group's query (`None` for `$all`), for clients that tokens admit.
+    queries: Vec<Option<ClientGroupQuery>>,
     bindings: Vec<Binding>,
     publish: TopicIndex,
     subscribe: TopicIndex,
@@ -692,6 +836,7 @@ fn compile_namespace(ns: &EventGridNamespace) -> Result<Namespace, PolicyError> 
         clients,
         by_auth_name,
         group_names,
+        queries,
         bindings,
         publish,
         subscribe,
@@ -771,29 +916,40 @@ impl PolicyEngine {
             .map(|c| &c.model)
     }
 
-    /// Resolves an Event Grid principal to its namespace and enabled client.
-    fn event_grid_subject(&self, p: &Principal) -> Result<(&Namespace, &Client), &'static str> {
+    /// Resolves an Event Grid principal to its namespace and subject: its enabled registered
+    /// client, or, for a token client, its token's attributes (refused when a registered client
+    /// of that authentication name is Disabled).
+    fn event_grid_subject<'a>(
+        &'a self,
+        p: &'a Principal,
+    ) -> Result<(&'a Namespace, Subject<'a>), &'static str> {
         let ns_name = p
             .namespace
             .as_deref()
             .expect("called for namespaced principals");
         let ns = self.namespaces.get(ns_name).ok_or(UNKNOWN_NAMESPACE)?;
         let auth = p.authentication_name.as_deref().ok_or(NO_AUTH_NAME)?;
-        let client = ns.client(auth).ok_or(UNKNOWN_CLIENT)?;
-        if client.model.state == ClientState::Disabled {
+        let registered = ns.client(auth);
+        if registered.is_some_and(|c| c.model.state == ClientState::Disabled) {
             return Err(DISABLED_CLIENT);
         }
-        Ok((ns, client))
+        if let Some(attributes) = &p.token_attributes {
+            return Ok((
+                ns,
+                Subject::Token {
+                    authentication_name: auth,
+                    attributes,
+                },
+            ));
+        }
+        Ok((ns, Subject::Registered(registered.ok_or(UNKNOWN_CLIENT)?)))
     }
 
     /// May this principal connect?
     pub fn connect(&self, p: &Principal) -> Decision {
         if p.namespace.is_some() {
             return match self.event_grid_subject(p) {
-                Ok((ns, client)) => Decision::allow(RuleRef::EventGridClient {
-                    namespace: ns.name.clone(),
-                    client: client.name.clone(),
-                }),
+                Ok((ns, subject)) => Decision::allow(subject.connect_ref(ns)),
                 Err(reason) => Decision::deny(reason),
             };
         }
@@ -833,7 +989,7 @@ impl PolicyEngine {
         };
         let first = request.first();
         let found = if p.namespace.is_some() {
-            let (ns, client) = match self.event_grid_subject(p) {
+            let (ns, subject) = match self.event_grid_subject(p) {
                 Ok(found) => found,
                 Err(reason) => return Decision::deny(reason),
             };
@@ -841,9 +997,9 @@ impl PolicyEngine {
                 Action::Publish => &ns.publish,
                 _ => &ns.subscribe,
             };
-            let vars = ClientVars(client);
+            let vars = subject.vars();
             index.find(first, &vars, |g| {
-                client.in_group[ns.bindings[g.owner as usize].group as usize]
+                subject.in_group(ns, ns.bindings[g.owner as usize].group as usize)
                     && g.template.usable(&vars).is_ok()
                     && request.matched_by(&g.template, &vars)
             })
@@ -977,18 +1133,20 @@ impl PolicyEngine {
         request: Option<&Request<'_>>,
         out: &mut Vec<Consideration>,
     ) {
-        let (ns, client) = match self.event_grid_subject(p) {
+        let (ns, subject) = match self.event_grid_subject(p) {
             Ok(found) => found,
             Err(_) => return, // the decision's reason says why; nothing else was looked at
         };
         let Some(request) = request else {
             out.push(Consideration {
-                rule: RuleRef::EventGridClient {
-                    namespace: ns.name.clone(),
-                    client: client.name.clone(),
-                },
+                rule: subject.connect_ref(ns),
                 outcome: Outcome::Granted,
-                detail: "registered and enabled".into(),
+                detail: match subject {
+                    Subject::Registered(_) => "registered and enabled".into(),
+                    Subject::Token { .. } => {
+                        "authenticated by a token of the namespace's issuer".into()
+                    }
+                },
             });
             return;
         };
@@ -996,15 +1154,16 @@ impl PolicyEngine {
             Action::Publish => &ns.publish,
             _ => &ns.subscribe,
         };
-        let vars = ClientVars(client);
+        let vars = subject.vars();
         for g in &index.grants {
             let group = ns.bindings[g.owner as usize].group as usize;
-            let (outcome, detail) = if !client.in_group[group] {
+            let (outcome, detail) = if !subject.in_group(ns, group) {
                 (
                     Outcome::NotForThisPrincipal,
                     format!(
-                        "client {:?} is not in client group {:?}",
-                        client.name, ns.group_names[group]
+                        "{} is not in client group {:?}",
+                        subject.describe(),
+                        ns.group_names[group]
                     ),
                 )
             } else {

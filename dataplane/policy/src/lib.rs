@@ -31,8 +31,11 @@
 //! for literal first levels, a bucket per variable for variable first levels (resolved once per
 //! request), and short lists for wildcard or mixed first levels. With 1,000 rules spread over
 //! distinct first levels a request looks at a handful of candidates; only rules whose topics
-//! start with a wildcard are scanned on every request. Event Grid group membership is decided at
-//! compile time (it depends on registry data only), so a binding's group check is one flag.
+//! start with a wildcard are scanned on every request. Event Grid group membership of registered
+//! clients is decided at compile time (it depends on registry data only), so a binding's group
+//! check is one flag; a client that a token admitted (custom JWT authentication) is not in the
+//! registry, so its group queries are evaluated per candidate binding, still without allocating
+//! (its attributes' template values are computed once, in [`TokenAttributes`]).
 
 mod engine;
 mod error;
@@ -45,7 +48,7 @@ pub mod x509;
 
 pub use engine::{
     ALL_CLIENTS_GROUP, Action, Consideration, Decision, Explanation, MAX_TOPIC_TEMPLATES, Outcome,
-    PolicyEngine, Principal, RuleRef,
+    PolicyEngine, Principal, RuleRef, TokenAttributes,
 };
 pub use error::PolicyError;
 pub use model::PolicyModel;

@@ -783,3 +783,89 @@ fn a_thousand_rules_compile_and_decide() {
     assert!(e.subscribe(&p, "area777/commands/+").allowed);
     assert!(!e.subscribe(&p, "area777/#").allowed);
 }
+
+/// A client that the namespace's custom JWT authentication admitted: not in the registry, judged
+/// by its token's claims (group queries, `${client.attributes.X}`), confined to its namespace.
+#[test]
+fn token_clients_are_judged_by_their_claims() {
+    use meridian_policy::model::AttributeValue as V;
+    let e = engine();
+    let token = |name: &str, attrs: &[(&str, V)]| {
+        Principal::new(format!("jwt-{name}"))
+            .in_namespace("ns-a", name)
+            .with_token_attributes(
+                attrs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            )
+    };
+    let sensor = token(
+        "t-sensor",
+        &[("type", V::String("sensor".into())), ("floor", V::Int(7))],
+    );
+    let d = e.connect(&sensor);
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(
+        d.by,
+        Some(RuleRef::EventGridToken {
+            namespace: "ns-a".into(),
+            authentication_name: "t-sensor".into()
+        })
+    );
+    // Group `sensors` by its claim; templates filled from sub and the claims.
+    assert!(e.publish(&sensor, "devices/t-sensor/telemetry").allowed);
+    assert!(e.publish(&sensor, "floors/7/temp").allowed);
+    assert!(!e.publish(&sensor, "floors/3/temp").allowed);
+    assert!(!e.publish(&sensor, "devices/dev1/telemetry").allowed);
+    // A claim that puts it in no group grants nothing; `$all` still applies in ns-b only.
+    let visitor = token("t-visitor", &[("type", V::String("visitor".into()))]);
+    assert!(e.connect(&visitor).allowed);
+    assert!(!e.publish(&visitor, "devices/t-visitor/telemetry").allowed);
+    let mgr = token("t-mgr", &[("type", V::String("admin".into()))]);
+    assert!(e.subscribe(&mgr, "devices/+/telemetry").allowed, "IN list");
+    assert!(!e.subscribe(&mgr, "#").allowed);
+    // Injection through the token: a wildcard sub or claim makes the template unusable.
+    let wild = token(
+        "+",
+        &[
+            ("type", V::String("sensor".into())),
+            ("floor", V::String("#".into())),
+        ],
+    );
+    assert!(!e.publish(&wild, "devices/x/telemetry").allowed);
+    assert!(!e.publish(&wild, "floors/1/x").allowed);
+    // An array claim is not a template value.
+    let list = token(
+        "t-list",
+        &[
+            ("type", V::String("sensor".into())),
+            ("floor", V::StringList(vec!["1".into()])),
+        ],
+    );
+    assert!(!e.publish(&list, "floors/1/x").allowed);
+    // A registered client of that name that is Disabled blocks the token identity too.
+    let disabled = token("dev2", &[("type", V::String("sensor".into()))]);
+    assert!(!e.connect(&disabled).allowed);
+    assert!(!e.publish(&disabled, "devices/dev2/telemetry").allowed);
+    // The same token identity in another namespace is judged there alone.
+    let elsewhere = Principal::new("jwt-b")
+        .in_namespace("ns-b", "t-sensor")
+        .with_token_attributes(Default::default());
+    assert!(
+        e.publish(&elsewhere, "anything/at/all").allowed,
+        "ns-b's $all binding"
+    );
+    // Explain agrees and says why.
+    let x = e.explain(&sensor, Action::Publish, "floors/3/temp");
+    assert!(!x.decision.allowed);
+    let x = e.explain(&visitor, Action::Publish, "devices/t-visitor/telemetry");
+    assert!(
+        x.considered
+            .iter()
+            .any(|c| c.outcome == Outcome::NotForThisPrincipal
+                && c.detail.contains("token client \"t-visitor\"")),
+        "{:?}",
+        x.considered
+    );
+}

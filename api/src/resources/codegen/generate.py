@@ -87,8 +87,78 @@ LATER_FIELDS = {
 EVENTGRID_LATER_FIELDS = {
     "TopicsConfiguration": {"customDomains": False},
     "TopicSpacesConfiguration": {"customDomains": False},
+    "ClientAuthenticationSettings": {"webhookAuthentication": False},
     "UpdateTopicSpacesConfigurationInfo": {"customDomains": False},
 }
+# Typed definitions of later Event Grid api-versions (2024-06-01-preview and later, read from the
+# published ARM template reference of Microsoft.EventGrid/namespaces 2025-04-01-preview): custom JWT
+# authentication of namespace clients. `ClientAuthenticationSettings` is the staged one plus that
+# field; `webhookAuthentication` (same versions) is carried untyped.
+def eventgrid_extra_defs(spec):
+    base = spec["definitions"]["ClientAuthenticationSettings"]
+    return {
+        "ClientAuthenticationSettings": {
+            **base,
+            "properties": {
+                **base["properties"],
+                "customJwtAuthentication": {
+                    "$ref": "#/definitions/CustomJwtAuthenticationSettings",
+                    "description": "Custom JWT authentication settings for namespace resource.",
+                },
+            },
+        },
+        "CustomJwtAuthenticationSettings": {
+            "type": "object",
+            "description": "Custom JWT authentication settings for namespace resource.",
+            "properties": {
+                "tokenIssuer": {"type": "string", "description": "Expected JWT token issuer."},
+                "issuerCertificates": {
+                    "type": "array", "maxItems": 2,
+                    "items": {"$ref": "#/definitions/IssuerCertificateInfo"},
+                    "description": "Information about the certificates that are used for token validation. "
+                                   "We currently support maximum 2 certificates.",
+                },
+                "encodedIssuerCertificates": {
+                    "type": "array", "maxItems": 2,
+                    "items": {"$ref": "#/definitions/EncodedIssuerCertificateInfo"},
+                    "description": "Information about the encoded public certificates that are used for "
+                                   "custom authentication.",
+                },
+            },
+        },
+        "IssuerCertificateInfo": {
+            "type": "object",
+            "description": "Information about the certificate that is used for token validation.",
+            "required": ["certificateUrl"],
+            "properties": {
+                "certificateUrl": {"type": "string", "description": "Keyvault certificate URL in "
+                                   "https://keyvaultname.vault.azure.net/certificates/certificateName/certificateVersion format."},
+                "identity": {"$ref": "#/definitions/CustomJwtAuthenticationManagedIdentity"},
+            },
+        },
+        "CustomJwtAuthenticationManagedIdentity": {
+            "type": "object",
+            "description": "The identity information for retrieving the certificate for custom JWT authentication.",
+            "required": ["type"],
+            "properties": {
+                "type": {"type": "string", "enum": ["SystemAssigned", "UserAssigned"],
+                         "x-ms-enum": {"name": "CustomJwtAuthenticationManagedIdentityType", "modelAsString": True},
+                         "description": "The type of managed identity used."},
+                "userAssignedIdentity": {"type": "string", "description": "The user identity associated with the resource."},
+            },
+        },
+        "EncodedIssuerCertificateInfo": {
+            "type": "object",
+            "description": "Information about the public certificate that is used for custom authentication.",
+            "required": ["kid", "encodedCertificate"],
+            "properties": {
+                "kid": {"type": "string", "description": "Identifier for the certificate."},
+                "encodedCertificate": {"type": "string", "description": "Certificate in PEM format."},
+            },
+        },
+    }
+
+
 # Enum values added by later api-versions.
 LATER_ENUM_VALUES = {"EndpointType": ["OpenTelemetry"]}
 
@@ -406,10 +476,12 @@ def main():
          "//! from the swagger.\n",
          ["NamespaceProperties", "NamespaceSku", "IdentityInfo", "TopicSpaceProperties", "ClientGroupProperties",
           "PermissionBindingProperties", "ClientProperties", "CaCertificateProperties",
-          "NamespaceUpdateParameterProperties"], None),
+          "NamespaceUpdateParameterProperties"], eventgrid_extra_defs),
     ]
     for path, out, mdoc, roots, extra in jobs:
         spec = load(path)
+        if callable(extra):
+            extra = extra(spec)
         g = Gen(spec, mdoc, extra, LATER_FIELDS if "IoTOperations/" in path
                 else EVENTGRID_LATER_FIELDS if "EventGrid" in path else None)
         for r in roots:
