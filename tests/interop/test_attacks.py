@@ -9,7 +9,9 @@ delivers it: `PUT /v1/snapshot` on its admin port with the node token. The snaps
 - `tokens`: MQTT port with the `ServiceAccountToken` method (an ES256 key made here; JWTs minted
   here with PyJWT);
 - `eg`: TLS port serving two Event Grid namespaces, `nsa` and `nsb`, each with its own CA
-  (certificates made here with `cryptography`), reached by TLS SNI `<namespace>.example.com`.
+  (certificates made here with `cryptography`), reached by TLS SNI `<namespace>.example.com`,
+  and a third, `nsj`, whose clients authenticate with JWTs of its own issuer (custom JWT
+  authentication: RS256 tokens minted here, verified with the issuer certificate made here).
 
 Every row is an attack that must be refused with a specific reason code, next to the legitimate
 request it imitates, which must pass: a broker that refused everything would fail the table.
@@ -36,7 +38,7 @@ import pytest
 from argon2 import PasswordHasher
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -134,11 +136,33 @@ class Signer:
         return jwt.encode(claims, self.key, algorithm="ES256")
 
 
+class Issuer:
+    """An identity provider for a namespace's custom JWT authentication: an RSA key, the
+    certificate that carries its public key, and RS256 tokens (Event Grid's documented format)."""
+
+    ISS = "https://idp.example.com"
+
+    def __init__(self, kid: str = "idp-1"):
+        self.kid = kid
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token issuer")])
+        self.cert_pem = Pki._builder(name, name, self.key.public_key()).sign(
+            self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+    def token(self, sub: str = "sensor-7", aud="nsj.example.com", iss: str = ISS,
+              exp_in: int = 600, kid: str | None = None, **claims) -> str:
+        now = int(time.time())
+        body = {"iss": iss, "sub": sub, "aud": aud, "exp": now + exp_in, "nbf": now - 5,
+                "role": "sensor", "site": "plant-1", **claims}
+        return jwt.encode(body, self.key, algorithm="RS256",
+                          headers={"kid": kid or self.kid, "typ": "JWT"})
+
+
 # ------------------------------------------------------------------------------------------------
 # The desired state
 
 def snapshot(ports: dict[str, int], server: tuple[str, str], cas: dict[str, Pki],
-             signer: Signer) -> dict:
+             signer: Signer, issuer: Issuer) -> dict:
     ph = PasswordHasher()
     creds = [
         {"username": "alice", "passwordHash": ph.hash("alice-pw"), "attributes": {"floor": "3"}},
@@ -184,6 +208,31 @@ def snapshot(ports: dict[str, int], server: tuple[str, str], cas: dict[str, Pki]
                                 "encodedCertificate": ca.pem}],
         }
 
+    def jwt_namespace(issuer: Issuer) -> dict:
+        """Clients come by token: no registration, no CA. Sensors (by the `role` claim) publish
+        under their `site` claim; everyone shares `shared/#`. One registered client, Disabled,
+        blocks the token identity of that name."""
+        ns = f"{EG}/nsj"
+        return {
+            "id": ns, "name": "nsj", "topicSpacesEnabled": True,
+            "customJwtAuthentication": {"tokenIssuer": Issuer.ISS, "issuerCertificates": [
+                {"kid": issuer.kid, "encodedCertificate": issuer.cert_pem}]},
+            "clients": [{"id": f"{ns}/clients/blocked", "name": "blocked",
+                         "authenticationName": "blocked", "state": "Disabled"}],
+            "clientGroups": [{"id": f"{ns}/clientGroups/sensors", "name": "sensors",
+                              "query": "attributes.role = 'sensor'"}],
+            "topicSpaces": [
+                {"id": f"{ns}/topicSpaces/sites", "name": "sites",
+                 "topicTemplates": ["sites/${client.attributes.site}/${client.authenticationName}/#"]},
+                {"id": f"{ns}/topicSpaces/shared", "name": "shared", "topicTemplates": ["shared/#"]}],
+            "permissionBindings": [
+                {"id": f"{ns}/permissionBindings/sensors-pub", "name": "sensors-pub",
+                 "clientGroupName": "sensors", "topicSpaceName": "sites", "permission": "Publisher"},
+                *({"id": f"{ns}/permissionBindings/shared-{p.lower()}", "name": f"shared-{p.lower()}",
+                   "clientGroupName": "$all", "topicSpaceName": "shared", "permission": p}
+                  for p in ["Publisher", "Subscriber"])],
+        }
+
     return {
         "schemaVersion": 1, "brokerId": BROKER, "generation": 1,
         "listeners": [
@@ -220,6 +269,7 @@ def snapshot(ports: dict[str, int], server: tuple[str, str], cas: dict[str, Pki]
             namespace("nsa", cas["a"], [{"name": "dev1"}, {"name": "dev2"},
                                         {"name": "off", "state": "Disabled"}]),
             namespace("nsb", cas["b"], [{"name": "dev1"}, {"name": "devb"}]),
+            jwt_namespace(issuer),
         ],
     }
 
@@ -280,12 +330,14 @@ class Env:
                       "nsa-default": free_port()}
         self.server_ca = Pki("server-ca", workdir)
         _, _, cert_pem, key_pem = self.server_ca.issue(
-            "meridian", dns=["nsa.example.com", "nsb.example.com", "localhost"])
+            "meridian", dns=["nsa.example.com", "nsb.example.com", "nsj.example.com", "localhost"])
         self.cas = {"a": Pki("tenant-a-ca", workdir), "b": Pki("tenant-b-ca", workdir),
                     "x": Pki("stranger-ca", workdir)}
         self.signer = Signer()
+        self.issuer = Issuer()
         self.node = Node(workdir)
-        applied = self.node.push(snapshot(self.ports, (cert_pem, key_pem), self.cas, self.signer))
+        applied = self.node.push(snapshot(self.ports, (cert_pem, key_pem), self.cas, self.signer,
+                                          self.issuer))
         assert applied.get("appliedGeneration") == 1, applied
 
 
@@ -663,3 +715,81 @@ def test_a_listener_default_namespace_takes_clients_without_a_namespace_in_sni(e
     assert b.subscribe("shared/#") == [1]
     assert accepted(sni_a.publish("shared/default", b"again"))
     assert b.received() == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Event Grid custom JWT authentication (namespace nsj)
+
+def jwt_client(env, attempts, token: str, ns: str = "nsj", method: str = "CUSTOM-JWT",
+               client_id: str | None = None) -> Attempt:
+    return attempts(env.ports["eg"], client_id or f"jwt-{uuid.uuid4().hex[:6]}",
+                    sni=f"{ns}.example.com", ca=env.server_ca, method=method, data=token)
+
+
+def test_namespace_token_clients_are_who_their_token_says(env, attempts):
+    iss = env.issuer
+    s7 = ok(jwt_client(env, attempts, iss.token()))  # no client certificate
+    # sub is the authentication name, the claims the attributes (group query, template).
+    assert accepted(s7.publish("sites/plant-1/sensor-7/temp"))
+    assert s7.publish("sites/plant-2/sensor-7/temp") == NOT_AUTHORIZED
+    assert s7.publish("sites/plant-1/sensor-8/temp") == NOT_AUTHORIZED
+    assert s7.subscribe("shared/#", "#", "sites/+/+/#") == [1, NOT_AUTHORIZED, NOT_AUTHORIZED]
+    # The earlier method name works too; an aud naming the namespace's host as an https URL.
+    s8 = ok(jwt_client(env, attempts, iss.token(sub="sensor-8",
+                                                aud="https://nsj.westeurope-1.ts.eventgrid.azure.net/"),
+                       method="OAUTH2-JWT"))
+    assert accepted(s8.publish("shared/hi", b"from-8"))
+    assert ("shared/hi", b"from-8") in s7.received()
+    # Not in the sensors group (role claim): shared only.
+    visitor = ok(jwt_client(env, attempts, iss.token(sub="visitor-1", role="visitor")))
+    assert visitor.publish("sites/plant-1/visitor-1/t") == NOT_AUTHORIZED
+    assert accepted(visitor.publish("shared/v"))
+    # Injection through claims: a wildcard sub or site widens nothing.
+    for sub, site in [("+", "plant-1"), ("sensor-9", "#"), ("a/b", "plant-1")]:
+        c = ok(jwt_client(env, attempts, iss.token(sub=sub, site=site)))
+        for topic in ["sites/plant-1/x/t", "sites/x/sensor-9/t", "sites/plant-1/a/b/t"]:
+            assert c.publish(topic) == NOT_AUTHORIZED, (sub, site, topic)
+
+
+def test_namespace_token_attacks_are_refused(env, attempts):
+    iss = env.issuer
+    good = ok(jwt_client(env, attempts, iss.token(sub="probe")))
+    assert accepted(good.publish("shared/probe"))
+    stranger = Issuer(kid=iss.kid)  # same kid, another key
+    header, _, sig = iss.token().split(".")
+    for name, token in [
+        ("expired", iss.token(exp_in=-120)),
+        ("another issuer", iss.token(iss="https://evil.example.com")),
+        ("another namespace's audience", iss.token(aud="nsa.example.com")),
+        ("a bare audience", iss.token(aud="nsj")),
+        ("forged: another key, same kid", stranger.token()),
+        ("forged: claims edited under the old signature",
+         ".".join([header, jwt.utils.base64url_encode(json.dumps(
+             {"iss": Issuer.ISS, "sub": "sensor-7", "aud": "nsj.example.com",
+              "exp": int(time.time()) + 600, "nbf": int(time.time()) - 5, "role": "sensor",
+              "site": "plant-2"}).encode()).decode(), sig])),
+        ("alg none", jwt.encode({"iss": Issuer.ISS, "sub": "s", "aud": "nsj.example.com",
+                                 "exp": int(time.time()) + 600, "nbf": int(time.time())},
+                                None, algorithm="none")),
+        ("a shared-secret algorithm (HS256)",
+         jwt.encode({"iss": Issuer.ISS, "sub": "s", "aud": "nsj.example.com",
+                     "exp": int(time.time()) + 600, "nbf": int(time.time())},
+                    "a-shared-secret-of-thirty-two-bytes!", algorithm="HS256")),
+        ("not a JWT", "definitely-not-a-token"),
+    ]:
+        assert jwt_client(env, attempts, token).code == BAD_CREDENTIALS, name
+    # A registered client of that name that is Disabled blocks the token identity.
+    assert jwt_client(env, attempts, iss.token(sub="blocked")).code == NOT_AUTHORIZED
+    # nsj's valid token at a namespace without custom JWT authentication: not a method there.
+    assert jwt_client(env, attempts, iss.token(aud="nsa.example.com"), ns="nsa").code == BAD_METHOD
+    # A method nsj does not offer.
+    assert jwt_client(env, attempts, iss.token(), method="K8S-SAT").code == BAD_METHOD
+    # Client certificates became optional on this port for nsj's sake: nsa still needs one.
+    bare = attempts(env.ports["eg"], "no-cert", username="dev1", sni="nsa.example.com",
+                    ca=env.server_ca)
+    assert bare.code == NOT_AUTHORIZED
+    # nsj's token clients live in nsj's topic tree only.
+    a = ok(eg(env, attempts, "nsa", "a", "dev2"))
+    assert a.subscribe("shared/#") == [1]
+    assert accepted(good.publish("shared/tenant", b"nsj-only"))
+    assert a.received() == [], "a message of namespace nsj reached namespace nsa"
