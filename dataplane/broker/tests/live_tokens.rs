@@ -586,3 +586,136 @@ async fn cached_publish_decisions_follow_every_swap() {
     }
     b.shutdown().await;
 }
+
+/// An Event Grid namespace with custom JWT authentication, reached as a plain port's default
+/// namespace: tokens of its issuer certificate admit unregistered clients; AUTH renews them, a
+/// token proving other claims ends the connection with 0x87, an unrenewed one with 0xA0; a swap
+/// that removes the namespace's JWT authentication revokes its token clients (0x87).
+#[tokio::test]
+async fn namespace_token_clients_renew_expire_and_are_revoked_by_a_swap() {
+    const EG: &str =
+        "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.EventGrid/namespaces/fleet";
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["idp.test".into()])
+        .unwrap()
+        .self_signed(&kp)
+        .unwrap()
+        .pem();
+    let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+    let token = |sub: &str, site: &str, exp: u64| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        let claims = json!({"iss": "https://idp.test", "sub": sub, "aud": "fleet.example.com",
+                            "exp": exp, "nbf": now() - 5, "site": site});
+        jsonwebtoken::encode(&h, &claims, &enc).unwrap()
+    };
+    let snap = |generation: u64, jwt: bool| {
+        let mut ns = json!({
+            "id": EG, "name": "fleet", "topicSpacesEnabled": true,
+            "topicSpaces": [{"id": format!("{EG}/topicSpaces/sites"), "name": "sites",
+                             "topicTemplates": ["sites/${client.attributes.site}/#"]}],
+            "permissionBindings": [{"id": format!("{EG}/permissionBindings/pub"), "name": "pub",
+                                    "clientGroupName": "$all", "topicSpaceName": "sites",
+                                    "permission": "Publisher"}]
+        });
+        if jwt {
+            ns["customJwtAuthentication"] = json!({"tokenIssuer": "https://idp.test",
+                "issuerCertificates": [{"kid": "k1", "encodedCertificate": cert}]});
+        }
+        BrokerSnapshot::from_value(json!({
+            "schemaVersion": 1, "brokerId": BROKER, "generation": generation,
+            "listeners": [{"id": id("listeners", "fleet"), "name": "fleet", "ports": [
+                {"port": 0, "protocol": "Mqtt", "authenticationEnabled": true,
+                 "defaultNamespace": "fleet"}]}],
+            "namespaces": [ns],
+        }))
+        .expect("snapshot JSON")
+    };
+    let (b, _) = start(cfg()).await;
+    b.apply_snapshot(snap(1, true)).await.expect("applied");
+    let port = b.snapshot_listeners()[0].addr;
+
+    let (mut lapsing, ack) = Raw::connect_with(
+        port,
+        enhanced(
+            "lapsing",
+            "CUSTOM-JWT",
+            &token("dev-1", "plant-1", now() + 2),
+        ),
+    )
+    .await;
+    assert_eq!(ack.reason_code.0, 0);
+    let (mut renewed, ack) = Raw::connect_with(
+        port,
+        enhanced(
+            "renewed",
+            "CUSTOM-JWT",
+            &token("dev-2", "plant-1", now() + 2),
+        ),
+    )
+    .await;
+    assert_eq!(ack.reason_code.0, 0);
+    assert_eq!(publish_qos1(&mut renewed, "sites/plant-1/t", 1).await, 0x10);
+    assert_eq!(publish_qos1(&mut renewed, "sites/plant-2/t", 2).await, 0x87);
+    renewed
+        .send(auth(
+            "CUSTOM-JWT",
+            ReasonCode::RE_AUTHENTICATE,
+            &token("dev-2", "plant-1", now() + 600),
+        ))
+        .await;
+    match renewed.recv().await {
+        Some(Packet::Auth(a)) => assert_eq!(a.reason_code, ReasonCode::SUCCESS),
+        other => panic!("expected AUTH success, got {other:?}"),
+    }
+    let (code, why) = disconnect_within(&mut lapsing, Duration::from_secs(6))
+        .await
+        .expect("DISCONNECT at expiry");
+    assert_eq!(code, 0xA0, "{why}");
+    assert!(
+        renewed.ping().await,
+        "the renewed token client outlives its first token"
+    );
+
+    // Re-authenticating with other claims: a different identity.
+    let (mut other, _) = Raw::connect_with(
+        port,
+        enhanced(
+            "other",
+            "CUSTOM-JWT",
+            &token("dev-3", "plant-1", now() + 600),
+        ),
+    )
+    .await;
+    other
+        .send(auth(
+            "CUSTOM-JWT",
+            ReasonCode::RE_AUTHENTICATE,
+            &token("dev-3", "plant-2", now() + 600),
+        ))
+        .await;
+    let (code, why) = disconnect_within(&mut other, WAIT)
+        .await
+        .expect("DISCONNECT");
+    assert_eq!(code, 0x87);
+    assert!(why.contains("different identity"), "{why}");
+
+    // The namespace stops accepting tokens: its token clients are revoked, new ones get 0x8C.
+    b.apply_snapshot(snap(2, false)).await.expect("applied");
+    let (code, why) = disconnect_within(&mut renewed, WAIT)
+        .await
+        .expect("revoked");
+    assert_eq!(code, 0x87);
+    assert!(why.contains("no longer accepts tokens"), "{why}");
+    let (_, ack) = Raw::connect_with(
+        port,
+        enhanced(
+            "late",
+            "CUSTOM-JWT",
+            &token("dev-4", "plant-1", now() + 600),
+        ),
+    )
+    .await;
+    assert_eq!(ack.reason_code.0, 0x8C);
+    b.shutdown().await;
+}
