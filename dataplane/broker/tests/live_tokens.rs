@@ -632,6 +632,17 @@ async fn namespace_token_clients_renew_expire_and_are_revoked_by_a_swap() {
         .expect("snapshot JSON")
     };
     let (b, _) = start(cfg()).await;
+    // An issuer certificate that does not parse: refused, naming the namespace.
+    let mut bad = snap(1, true);
+    bad.namespaces[0]
+        .custom_jwt_authentication
+        .as_mut()
+        .unwrap()
+        .issuer_certificates[0]
+        .encoded_certificate = "bm90IGEgY2VydGlmaWNhdGU=".into();
+    let r = b.apply_snapshot(bad).await.expect_err("bad certificate");
+    assert_eq!(r.resource_id.as_deref(), Some(EG), "{r:?}");
+    assert!(r.message.contains("issuer certificate"), "{r:?}");
     b.apply_snapshot(snap(1, true)).await.expect("applied");
     let port = b.snapshot_listeners()[0].addr;
 
