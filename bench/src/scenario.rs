@@ -598,12 +598,17 @@ async fn publisher(
     let start = Instant::now();
     let mut seq: u64 = 0;
     const BATCH: u64 = 32;
+    // Only a publisher with a fixed rate is paced; the others publish as fast as they can.
+    let mut pacer: Option<Pacer> = None;
 
     if qos == QoS::AtMostOnce {
         while Instant::now() < end {
             let due = match rate {
                 Some(r) => {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    pacer
+                        .get_or_insert_with(|| Pacer::start(start, r))
+                        .tick()
+                        .await;
                     (start.elapsed().as_secs_f64() * r) as u64
                 }
                 None => seq + BATCH,
@@ -673,7 +678,10 @@ async fn publisher(
     while Instant::now() < end {
         let due = match rate {
             Some(r) => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                pacer
+                    .get_or_insert_with(|| Pacer::start(start, r))
+                    .tick()
+                    .await;
                 (start.elapsed().as_secs_f64() * r) as u64
             }
             None => seq + BATCH,
@@ -784,6 +792,63 @@ async fn subscriber(
         last_delivery,
         histogram,
     })
+}
+
+/// Wakes a fixed-rate publisher when its next message is due. tokio's timer has millisecond
+/// granularity: a publisher sleeping on it sends a 10,000 msg/s stream as bursts of ten or more
+/// messages in one write every millisecond, which measures burst latency, not the latency of a
+/// steady stream. An OS thread sleeping to each due instant spaces messages to within the
+/// kernel's timer slack (~50 µs by default); the publisher then sends what is due by then.
+struct Pacer {
+    notify: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pacer {
+    fn start(start: Instant, rate: f64) -> Self {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (notify, stop) = (notify.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("bench-pacer".into())
+                .spawn(move || {
+                    let mut next: u64 = 1;
+                    while !stop.load(Ordering::Relaxed) {
+                        let due = start + Duration::from_secs_f64(next as f64 / rate);
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                        // One stored permit at most: ticks missed while the publisher was
+                        // busy coalesce, and the publisher catches up by the clock.
+                        notify.notify_one();
+                        let behind = (start.elapsed().as_secs_f64() * rate) as u64;
+                        next = (next + 1).max(behind + 1);
+                    }
+                })
+                .expect("spawn the pacer thread")
+        };
+        Pacer {
+            notify,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    async fn tick(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]

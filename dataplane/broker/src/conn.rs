@@ -406,6 +406,7 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         rate_window: tokio::time::Instant::now(),
         rate_count: 0,
         pressure: Vec::new(),
+        ack_behind_delivery: false,
         outbox: Outbox {
             wr,
             wbuf: BytesMut::new(),
@@ -912,6 +913,9 @@ struct Conn {
     rbuf: BytesMut,
     opts: DecodeOptions,
     keep_alive: u16,
+    /// A PUBLISH we acknowledge was handed to subscribers since the loop last yielded: let
+    /// their tasks write it before we write our PUBACK/PUBREC (see [`Conn::run`]).
+    ack_behind_delivery: bool,
 }
 
 type Flow = Result<(), (End, Option<ReasonCode>)>;
@@ -961,6 +965,14 @@ impl Conn {
                 }
                 // Packets may already be buffered: decode them before waiting for the socket.
                 continue;
+            }
+            // Delivery before acknowledgement: the subscribers we just fed were woken on this
+            // worker; yielding once lets their tasks write the message before our own outbox
+            // writes the ack, so the end-to-end path does not wait behind our ack's syscall.
+            // (Acks are still sent after the routing they acknowledge: only the write order of
+            // two sockets changes.) Once per read batch, so a busy publisher pays one poll.
+            if std::mem::take(&mut self.ack_behind_delivery) {
+                tokio::task::yield_now().await;
             }
             // Shutdown, takeover and policy changes arrive as a kick that wakes the outbox (no
             // per-connection cancellation future or second Notify: idle connections stay small).
@@ -1383,6 +1395,9 @@ impl Conn {
                 client: self.client_id.to_string(),
                 packet_id: pid,
             }]));
+        }
+        if matched > 0 && qos != QoS::AtMostOnce {
+            self.ack_behind_delivery = true;
         }
         let code = if matched == 0 && self.protocol == Protocol::V5 {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
