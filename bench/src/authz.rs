@@ -727,6 +727,7 @@ pub(crate) async fn authz(
             Protocol::V311
         },
         latency_rate: 0,
+        latency_rounds: 1,
         idle_connections: 0,
         connect_concurrency: 1,
         drain_timeout: Duration::from_secs_f64(a.drain_timeout),

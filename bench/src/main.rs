@@ -58,6 +58,10 @@ struct Common {
     /// Total publish rate of the latency scenarios.
     #[arg(long, default_value_t = 10_000)]
     latency_rate: u64,
+    /// Rounds of each latency scenario per broker (`compare`: interleaved across the brokers,
+    /// each on a fresh broker; `run`: back to back), pooled into one histogram per broker.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    latency_rounds: u32,
     /// Connections in the idle scenario.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -126,6 +130,7 @@ fn settings(c: &Common) -> Settings {
             Protocol::V311
         },
         latency_rate: c.latency_rate,
+        latency_rounds: c.latency_rounds,
         idle_connections: c.idle_connections,
         connect_concurrency: c.connect_concurrency,
         drain_timeout: Duration::from_secs_f64(c.drain_timeout),
@@ -248,61 +253,98 @@ async fn compare(
             meridian: Cell::NotRun,
             mosquitto: Cell::NotRun,
         };
-        for &kind in &kinds {
-            if unavailable.contains(&kind) {
-                continue;
-            }
-            eprintln!("== {label} on {} ==", kind.name());
-            let cell = match RunningBroker::start(kind, &paths) {
-                Err(e) => {
-                    eprintln!("  {} unavailable: {e:#}", kind.name());
-                    unavailable.push(kind);
-                    Cell::NotRun
+        // Latency scenarios run in interleaved rounds (Mosquitto, Meridian, Mosquitto, ...), each
+        // on a fresh broker, pooled per broker: a noisy stretch of time hits both, not one.
+        let rounds = match sc {
+            Scenario::Latency { .. } => s.latency_rounds.max(1),
+            _ => 1,
+        };
+        for round in 1..=rounds {
+            for &kind in &kinds {
+                if unavailable.contains(&kind) {
+                    continue;
                 }
-                Ok(mut b) => {
-                    let runner = Runner::new(
-                        b.addr.clone(),
-                        s.clone(),
-                        format!("{} {}", b.kind.name(), sc.key()),
-                        subscriber_runtime.clone(),
-                    );
-                    let r =
-                        tokio::time::timeout(timeout_for(&s), runner.run(*sc, Some(b.pid()))).await;
-                    let alive = b.alive();
-                    match r {
-                        Ok(Ok(mut o)) if alive => {
-                            if let (Some(admin), Some(c)) = (&b.admin, o.contract.as_mut()) {
-                                c.broker_drops = broker::meridian_drops(admin)
-                                    .map_err(|e| eprintln!("  (no metrics: {e:#})"))
-                                    .ok();
-                            }
-                            Cell::Done(o)
-                        }
-                        Ok(Ok(_)) => Cell::Failed("broker died during the scenario".into()),
-                        Ok(Err(e)) => Cell::Failed(format!(
-                            "{e:#}{}",
-                            if alive { "" } else { " (broker died)" }
-                        )),
-                        Err(_) => Cell::Failed("scenario timed out".into()),
+                eprintln!(
+                    "== {label} on {}{} ==",
+                    kind.name(),
+                    round_tag(round, rounds)
+                );
+                let cell = match RunningBroker::start(kind, &paths) {
+                    Err(e) => {
+                        eprintln!("  {} unavailable: {e:#}", kind.name());
+                        unavailable.push(kind);
+                        Cell::NotRun
                     }
+                    Ok(mut b) => {
+                        let runner = Runner::new(
+                            b.addr.clone(),
+                            s.clone(),
+                            format!("{} {}", b.kind.name(), sc.key()),
+                            subscriber_runtime.clone(),
+                        );
+                        let r =
+                            tokio::time::timeout(timeout_for(&s), runner.run(*sc, Some(b.pid())))
+                                .await;
+                        let alive = b.alive();
+                        match r {
+                            Ok(Ok(mut o)) if alive => {
+                                if let (Some(admin), Some(c)) = (&b.admin, o.contract.as_mut()) {
+                                    c.broker_drops = broker::meridian_drops(admin)
+                                        .map_err(|e| eprintln!("  (no metrics: {e:#})"))
+                                        .ok();
+                                }
+                                Cell::Done(o)
+                            }
+                            Ok(Ok(_)) => Cell::Failed("broker died during the scenario".into()),
+                            Ok(Err(e)) => Cell::Failed(format!(
+                                "{e:#}{}",
+                                if alive { "" } else { " (broker died)" }
+                            )),
+                            Err(_) => Cell::Failed("scenario timed out".into()),
+                        }
+                    }
+                };
+                match &cell {
+                    Cell::Done(o) => eprintln!("  result: {}", one_line(o)),
+                    Cell::Failed(e) => eprintln!("  FAILED: {e}"),
+                    Cell::NotRun => {}
                 }
-            };
-            match &cell {
-                Cell::Done(o) => eprintln!("  result: {}", one_line(o)),
-                Cell::Failed(e) => eprintln!("  FAILED: {e}"),
-                Cell::NotRun => {}
+                let slot = match kind {
+                    BrokerKind::Meridian => &mut row.meridian,
+                    BrokerKind::Mosquitto => &mut row.mosquitto,
+                };
+                pool_cell(slot, cell);
+                // Sockets from the previous run linger in TIME_WAIT; a short pause keeps runs apart.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            match kind {
-                BrokerKind::Meridian => row.meridian = cell,
-                BrokerKind::Mosquitto => row.mosquitto = cell,
-            }
-            // Sockets from the previous run linger in TIME_WAIT; a short pause keeps runs apart.
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         results.rows.push(row);
     }
     print_results(&results, &s, &scenarios, &a.common)?;
     Ok(results.total_violations())
+}
+
+fn round_tag(round: u32, rounds: u32) -> String {
+    if rounds > 1 {
+        format!(" (round {round}/{rounds})")
+    } else {
+        String::new()
+    }
+}
+
+/// Pool one round's result into the broker's cell: a failed round fails the cell.
+fn pool_cell(slot: &mut Cell, round: Cell) {
+    let current = std::mem::replace(slot, Cell::NotRun);
+    *slot = match (current, round) {
+        (Cell::NotRun, r) => r,
+        (c, Cell::NotRun) => c,
+        (Cell::Failed(e), _) => Cell::Failed(e),
+        (Cell::Done(_), Cell::Failed(e)) => Cell::Failed(format!("a later round failed: {e}")),
+        (Cell::Done(mut a), Cell::Done(b)) => match a.pool(b) {
+            Ok(()) => Cell::Done(a),
+            Err(e) => Cell::Failed(format!("pooling rounds: {e:#}")),
+        },
+    };
 }
 
 fn one_line(o: &scenario::Outcome) -> String {
@@ -342,14 +384,25 @@ async fn run(a: RunArgs, subscriber_runtime: tokio::runtime::Handle) -> anyhow::
             sc.key(),
             subscriber_runtime.clone(),
         );
-        let cell = match tokio::time::timeout(timeout_for(&s), runner.run(*sc, a.pid)).await {
-            Ok(Ok(o)) => {
-                eprintln!("  result: {}", one_line(&o));
-                Cell::Done(o)
-            }
-            Ok(Err(e)) => Cell::Failed(format!("{e:#}")),
-            Err(_) => Cell::Failed("scenario timed out".into()),
+        let rounds = match sc {
+            Scenario::Latency { .. } => s.latency_rounds.max(1),
+            _ => 1,
         };
+        let mut cell = Cell::NotRun;
+        for round in 1..=rounds {
+            if rounds > 1 {
+                eprintln!("  round {round}/{rounds}");
+            }
+            let r = match tokio::time::timeout(timeout_for(&s), runner.run(*sc, a.pid)).await {
+                Ok(Ok(o)) => {
+                    eprintln!("  result: {}", one_line(&o));
+                    Cell::Done(o)
+                }
+                Ok(Err(e)) => Cell::Failed(format!("{e:#}")),
+                Err(_) => Cell::Failed("scenario timed out".into()),
+            };
+            pool_cell(&mut cell, r);
+        }
         // `run` has one broker; it is shown in the Meridian column.
         results.rows.push(Row {
             key: sc.key(),

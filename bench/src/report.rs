@@ -238,9 +238,10 @@ impl Results {
 /// The settings line printed above the tables.
 pub(crate) fn settings_line(s: &Settings, scenarios: &[Scenario]) -> String {
     format!(
-        "payload {} B, {} s per throughput/latency scenario, QoS 1 window {}, MQTT {}, {} idle connections, scenarios: {}",
+        "payload {} B, {} s per throughput/latency scenario, latency pooled over {} round(s) per broker, QoS 1 window {}, MQTT {}, {} idle connections, scenarios: {}",
         s.payload,
         s.duration.as_secs_f64(),
+        s.latency_rounds,
         s.inflight,
         match s.protocol {
             meridian_codec::Protocol::V311 => "3.1.1",

@@ -32,6 +32,9 @@ pub(crate) struct Settings {
     pub(crate) inflight: u16,
     pub(crate) protocol: Protocol,
     pub(crate) latency_rate: u64,
+    /// `compare`: rounds of each latency scenario per broker, interleaved across brokers and
+    /// pooled into one histogram (see [`Outcome::pool`]).
+    pub(crate) latency_rounds: u32,
     pub(crate) idle_connections: usize,
     pub(crate) connect_concurrency: usize,
     /// Upper bound on the wait for in-transit messages after publishing stops.
@@ -134,6 +137,66 @@ pub(crate) struct Outcome {
     pub(crate) rss_per_connection: Option<f64>,
     pub(crate) connect_rate: Option<f64>,
     pub(crate) contract: Option<Contract>,
+    /// Runs pooled into this outcome (1 unless [`Outcome::pool`] added more).
+    pub(crate) rounds: u32,
+    /// The latency samples behind `latency_us`, kept so rounds can be pooled.
+    #[serde(skip)]
+    pub(crate) latency_hist: Option<Box<Histogram<u64>>>,
+}
+
+impl Outcome {
+    /// Add another run of the same scenario on the same broker: latency percentiles are
+    /// recomputed from the pooled samples (not averaged), contract counts are summed, rates
+    /// averaged. Pooling interleaved rounds keeps one noisy stretch of time from deciding a
+    /// latency comparison on its own.
+    pub(crate) fn pool(&mut self, other: Outcome) -> anyhow::Result<()> {
+        match (self.latency_hist.as_mut(), other.latency_hist) {
+            (Some(h), Some(o)) => {
+                h.add(&*o)?;
+                self.latency_us = Some(percentiles(h));
+            }
+            (None, Some(o)) => {
+                self.latency_us = Some(percentiles(&o));
+                self.latency_hist = Some(o);
+            }
+            _ => {}
+        }
+        let n = f64::from(self.rounds.max(1));
+        self.rate = match (self.rate, other.rate) {
+            (Some(a), Some(b)) => Some((a * n + b) / (n + 1.0)),
+            (a, b) => a.or(b),
+        };
+        match (self.contract.as_mut(), other.contract) {
+            (Some(c), Some(o)) => {
+                c.sent += o.sent;
+                c.acked += o.acked;
+                c.expected += o.expected;
+                c.delivered += o.delivered;
+                c.lost += o.lost;
+                c.duplicates += o.duplicates;
+                c.reordered += o.reordered;
+                c.corrupt += o.corrupt;
+                c.violations += o.violations;
+                c.broker_drops = match (c.broker_drops.take(), o.broker_drops) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.or(b),
+                };
+            }
+            (None, Some(o)) => self.contract = Some(o),
+            _ => {}
+        }
+        self.rounds = self.rounds.max(1) + other.rounds.max(1);
+        Ok(())
+    }
+}
+
+/// p50, p99 and p99.9 of a latency histogram, in microseconds.
+fn percentiles(h: &Histogram<u64>) -> [f64; 3] {
+    [
+        h.value_at_quantile(0.50) as f64,
+        h.value_at_quantile(0.99) as f64,
+        h.value_at_quantile(0.999) as f64,
+    ]
 }
 
 /// Per-publisher receive bookkeeping in one subscriber.
@@ -492,17 +555,15 @@ impl Runner {
         let mut out = Outcome {
             rate: (elapsed > 0.0).then(|| contract.delivered as f64 / elapsed),
             contract: Some(contract),
+            rounds: 1,
             ..Outcome::default()
         };
         if rate.is_some() {
             if hist.is_empty() {
                 bail!("no message delivered, no latency");
             }
-            out.latency_us = Some([
-                hist.value_at_quantile(0.50) as f64,
-                hist.value_at_quantile(0.99) as f64,
-                hist.value_at_quantile(0.999) as f64,
-            ]);
+            out.latency_us = Some(percentiles(&hist));
+            out.latency_hist = Some(Box::new(hist));
         }
         Ok(out)
     }
@@ -571,6 +632,7 @@ impl Runner {
         Ok(Outcome {
             rss_per_connection: per,
             connect_rate: Some(n as f64 / elapsed),
+            rounds: 1,
             ..Outcome::default()
         })
     }
@@ -854,6 +916,61 @@ impl Drop for Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn latency_round(samples: impl IntoIterator<Item = u64>, sent: u64, lost: u64) -> Outcome {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in samples {
+            h.record(v).unwrap();
+        }
+        Outcome {
+            rate: Some(10_000.0),
+            latency_us: Some(percentiles(&h)),
+            latency_hist: Some(Box::new(h)),
+            contract: Some(Contract {
+                qos: 1,
+                sent,
+                acked: sent,
+                lost,
+                violations: lost,
+                broker_drops: Some(format!("round of {sent}")),
+                ..Contract::default()
+            }),
+            rounds: 1,
+            ..Outcome::default()
+        }
+    }
+
+    #[test]
+    fn pooled_rounds_take_percentiles_of_all_samples_and_sum_the_contract() {
+        // Round 1 is quiet (all 100 µs); round 2 has a slow 3% (5 ms). Averaging the two
+        // rounds' p99 would give ~2.5 ms; pooled, 1.5% of all samples are slow, so p99 is 5 ms,
+        // and p50 stays 100 µs.
+        let mut a = latency_round(std::iter::repeat_n(100, 1000), 1000, 0);
+        let b = latency_round(
+            std::iter::repeat_n(100, 970).chain(std::iter::repeat_n(5000, 30)),
+            1000,
+            2,
+        );
+        a.pool(b).unwrap();
+        let [p50, p99, p999] = a.latency_us.unwrap();
+        assert_eq!(p50, 100.0);
+        assert!((4990.0..=5010.0).contains(&p99), "pooled p99 {p99}");
+        assert!((4990.0..=5010.0).contains(&p999), "pooled p99.9 {p999}");
+        assert_eq!(a.latency_hist.as_ref().unwrap().len(), 2000);
+        let c = a.contract.as_ref().unwrap();
+        assert_eq!((c.sent, c.acked, c.lost, c.violations), (2000, 2000, 2, 2));
+        assert_eq!(
+            c.broker_drops.as_deref(),
+            Some("round of 1000; round of 1000")
+        );
+        assert_eq!(a.rounds, 2);
+
+        // A third quiet round dilutes the slow samples to 0.75%: p99 falls back.
+        a.pool(latency_round(std::iter::repeat_n(100, 2000), 2000, 0))
+            .unwrap();
+        assert_eq!(a.latency_us.unwrap()[1], 100.0);
+        assert_eq!(a.rounds, 3);
+    }
 
     #[test]
     fn seen_counts_duplicates_and_reordering() {

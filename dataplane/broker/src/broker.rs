@@ -94,6 +94,57 @@ pub(crate) struct ConnOut {
     /// The client sent Request Problem Information = 0: no Reason String or User Properties on
     /// any packet but PUBLISH, CONNACK and DISCONNECT ([MQTT-3.1.2-29]).
     pub(crate) no_problem_info: bool,
+    /// The socket's write side and the buffer being written. The connection's task writes it;
+    /// a publisher may write a delivery straight through when the connection is idle
+    /// ([`ConnOut::write_now`]). Taken by the teardown, after which nothing writes here.
+    pub(crate) outbox: Mutex<Option<crate::conn::Outbox>>,
+}
+
+/// A read batch that fed at most this many subscribers is written through to the idle ones by
+/// the publisher's task ([`ConnOut::write_now`]), as a single-threaded broker would: no task
+/// hop and no wake-up on the path of a message to a few subscribers. A wider fan-out wakes the
+/// subscribers' tasks as it goes, so they write in parallel while the publisher routes on.
+pub(crate) const WRITE_THROUGH_MAX: usize = 4;
+
+/// Subscribers a publisher's read batch fed and has not woken yet (see [`WRITE_THROUGH_MAX`]).
+#[derive(Default)]
+pub(crate) struct Touched {
+    conns: Vec<Arc<ConnOut>>,
+    /// The batch fed more than [`WRITE_THROUGH_MAX`] subscribers: every one was woken.
+    spilled: bool,
+}
+
+impl Touched {
+    pub(crate) fn add(&mut self, c: &Arc<ConnOut>) {
+        if self.spilled {
+            return c.wake();
+        }
+        if self.conns.iter().any(|l| Arc::ptr_eq(l, c)) {
+            return;
+        }
+        if self.conns.len() < WRITE_THROUGH_MAX {
+            return self.conns.push(c.clone());
+        }
+        self.spilled = true;
+        for held in self.conns.drain(..) {
+            held.wake();
+        }
+        c.wake();
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.conns.is_empty() && !self.spilled
+    }
+
+    /// End of the batch: write through to the subscribers held, waking those that are busy.
+    pub(crate) fn write_through(&mut self, shared: &Shared) {
+        self.spilled = false;
+        for c in self.conns.drain(..) {
+            if !c.write_now(shared) {
+                c.wake();
+            }
+        }
+    }
 }
 
 /// A copy of `p` without Reason String and User Properties, when `p` is a packet that may not
@@ -135,8 +186,13 @@ pub(crate) const PRESSURE_QUEUE: u8 = 1;
 pub(crate) const PRESSURE_OUTBOX: u8 = 2;
 
 impl ConnOut {
-    pub(crate) fn new(protocol: Protocol, drained: Arc<Notify>) -> ConnOut {
+    pub(crate) fn new(
+        protocol: Protocol,
+        drained: Arc<Notify>,
+        outbox: crate::conn::Outbox,
+    ) -> ConnOut {
         ConnOut {
+            outbox: Mutex::new(Some(outbox)),
             protocol,
             // Empty until used: idle connections hold no buffer memory.
             buf: Mutex::new(BytesMut::new()),
@@ -334,8 +390,24 @@ impl Shared {
         commits: &mut Vec<Commit>,
         drops: &mut Vec<(Arc<str>, DropReason, String)>,
     ) {
+        if self.apply_quiet(client, inner, actions, commits, drops)
+            && let Some(conn) = &inner.conn
+        {
+            conn.wake();
+        }
+    }
+
+    /// [`Shared::apply`] without waking the connection; true when output was queued for it.
+    fn apply_quiet(
+        &self,
+        client: &Arc<str>,
+        inner: &mut SessionInner,
+        actions: &mut Vec<Action>,
+        commits: &mut Vec<Commit>,
+        drops: &mut Vec<(Arc<str>, DropReason, String)>,
+    ) -> bool {
         if actions.is_empty() {
-            return;
+            return false;
         }
         let mut ops = Vec::new();
         let mut sent = false;
@@ -367,17 +439,16 @@ impl Shared {
                 Action::Dropped { reason, topic } => drops.push((client.clone(), reason, topic)),
             }
         }
-        if sent && let Some(conn) = &inner.conn {
-            conn.wake();
-        }
         if !ops.is_empty()
             && let Some(store) = &self.store
         {
             commits.push(store.submit(ops));
         }
+        sent
     }
 
-    /// Deliver one message to one session.
+    /// Deliver one message to one session. Its connection is woken, or, with `touched`, added
+    /// there for the caller to write through or wake (see [`ConnOut::write_now`]).
     pub(crate) fn deliver(
         &self,
         h: &SessionHandle,
@@ -385,6 +456,7 @@ impl Shared {
         now: u64,
         commits: &mut Vec<Commit>,
         drops: &mut Vec<(Arc<str>, DropReason, String)>,
+        touched: Option<&mut Touched>,
     ) -> Option<Arc<ConnOut>> {
         thread_local! {
             // Reused per thread: a delivery allocates no action vector.
@@ -395,7 +467,14 @@ impl Shared {
             let pressured = {
                 let mut inner = h.inner.lock();
                 inner.session.handle(Event::Deliver(d), now, &mut actions);
-                self.apply(&h.client_id, &mut inner, &mut actions, commits, drops);
+                if self.apply_quiet(&h.client_id, &mut inner, &mut actions, commits, drops)
+                    && let Some(c) = &inner.conn
+                {
+                    match touched {
+                        Some(t) => t.add(c),
+                        None => c.wake(),
+                    }
+                }
                 let mut bits = 0;
                 if inner.session.queued_len() >= self.high_water() {
                     bits |= PRESSURE_QUEUE;
@@ -434,10 +513,11 @@ impl Shared {
         commits: &mut Vec<Commit>,
         matches: &mut Vec<Match<SessionKey>>,
     ) -> usize {
-        self.route_with_pressure(msg, publisher, commits, matches, &mut Vec::new())
+        self.route_with_pressure(msg, publisher, commits, matches, &mut Vec::new(), None)
     }
 
-    /// [`Shared::route`], also collecting subscribers whose queues are above the high-water mark.
+    /// [`Shared::route`], also collecting subscribers whose queues are above the high-water mark
+    /// and, with `touched`, leaving the subscribers it fed unwoken there (see [`Shared::deliver`]).
     pub(crate) fn route_with_pressure(
         &self,
         msg: &Arc<Msg>,
@@ -445,6 +525,7 @@ impl Shared {
         commits: &mut Vec<Commit>,
         matches: &mut Vec<Match<SessionKey>>,
         pressured: &mut Vec<Arc<ConnOut>>,
+        mut touched: Option<&mut Touched>,
     ) -> usize {
         {
             let r = self.router.read();
@@ -470,7 +551,14 @@ impl Shared {
                 subscription_ids: m.subscription_ids,
                 shared: m.shared,
             };
-            if let Some(c) = self.deliver(&m.key.0, d, now, commits, &mut drops) {
+            if let Some(c) = self.deliver(
+                &m.key.0,
+                d,
+                now,
+                commits,
+                &mut drops,
+                touched.as_deref_mut(),
+            ) {
                 pressured.push(c);
             }
         }
@@ -633,7 +721,7 @@ impl Shared {
             if let Some((key, opts)) = target {
                 d.qos = d.msg.qos.min(opts.qos);
                 d.subscription_ids = opts.subscription_id.into_iter().collect();
-                let _ = self.deliver(&key.0, d, now, &mut commits, &mut drops);
+                let _ = self.deliver(&key.0, d, now, &mut commits, &mut drops, None);
             } else {
                 drops.push((
                     from.0.client_id.clone(),

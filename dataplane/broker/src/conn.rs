@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::auth::AclAction;
 use crate::broker::{
-    ConnOut, PRESSURE_OUTBOX, PRESSURE_QUEUE, SessionHandle, SessionKey, Shared, now_ms,
+    ConnOut, PRESSURE_OUTBOX, PRESSURE_QUEUE, SessionHandle, SessionKey, Shared, Touched, now_ms,
 };
 use crate::router::{Match, SubOptions, split_shared};
 use crate::session::{ClientLimits, Delivery, DropReason, Event, Inbound, Msg};
@@ -289,7 +289,12 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
     }
 
     // 4. Attach to (or create) the session; kick a connection that holds it.
-    let mut out = ConnOut::new(protocol, shared.drained.clone());
+    let outbox = Outbox {
+        wr,
+        wbuf: BytesMut::new(),
+        unflushed: false,
+    };
+    let mut out = ConnOut::new(protocol, shared.drained.clone(), outbox);
     out.guard = guard;
     out.no_problem_info =
         protocol == Protocol::V5 && connect.properties.request_problem_information == Some(0);
@@ -406,12 +411,7 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         rate_window: tokio::time::Instant::now(),
         rate_count: 0,
         pressure: Vec::new(),
-        ack_behind_delivery: false,
-        outbox: Outbox {
-            wr,
-            wbuf: BytesMut::new(),
-            unflushed: false,
-        },
+        touched: Touched::default(),
         _count: count,
         rd,
         rbuf,
@@ -425,6 +425,9 @@ impl Conn {
     /// Tear down: final DISCONNECT, outbox drained, session detached, will and expiry.
     async fn finish(mut self, end: End, reason: Option<ReasonCode>) {
         let shared = self.shared.clone();
+        // The loop may have ended mid-batch (a DISCONNECT behind PUBLISHes in one read): the
+        // subscribers those messages went to still get them.
+        self.touched.write_through(&shared);
         if self.protocol == Protocol::V5
             && let Some(code) = reason
         {
@@ -443,20 +446,28 @@ impl Conn {
                 },
             }));
         }
-        // Whatever is queued (acks, deliveries, the DISCONNECT) goes out, bounded in time.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                self.outbox.refill(&self.out);
-                if self.outbox.wbuf.is_empty() && !self.outbox.unflushed {
-                    break;
+        // Whatever is queued (acks, deliveries, the DISCONNECT) goes out, bounded in time. The
+        // outbox is taken out of publishers' reach (their deliveries queue and wake us), and
+        // the socket closes when it is dropped here, whoever still holds the `ConnOut`.
+        let outbox = self.out.outbox.lock().take();
+        if let Some(mut outbox) = outbox {
+            let out = &self.out;
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    outbox.refill(out);
+                    if outbox.wbuf.is_empty() && !outbox.unflushed {
+                        break;
+                    }
+                    let step =
+                        std::future::poll_fn(|cx| outbox.poll_progress(cx, out, &shared)).await;
+                    if step.is_err() {
+                        break;
+                    }
                 }
-                if self.outbox.progress(&self.out, &shared).await.is_err() {
-                    break;
-                }
-            }
-            let _ = self.outbox.wr.shutdown().await;
-        })
-        .await;
+                let _ = outbox.wr.shutdown().await;
+            })
+            .await;
+        }
         shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         let code = reason.unwrap_or(match end {
             End::Normal => ReasonCode::SUCCESS,
@@ -793,12 +804,22 @@ fn publish_will(
 
 /// The connection's write side: the socket's write half and the bytes being written. Publishers
 /// encode into [`ConnOut::buf`]; the connection's own task swaps that buffer in and writes it,
-/// so a burst of deliveries costs one syscall and no task of its own.
-struct Outbox {
+/// so a burst of deliveries costs one syscall and no task of its own. It lives in
+/// [`ConnOut::outbox`], so a publisher can also write to an idle connection directly.
+pub(crate) struct Outbox {
     wr: WriteHalf<Stream>,
     wbuf: BytesMut,
     /// Bytes were written since the last flush (TLS and WebSocket streams buffer).
     unflushed: bool,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("queued", &self.wbuf.len())
+            .field("unflushed", &self.unflushed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outbox {
@@ -810,18 +831,6 @@ impl Outbox {
                 std::mem::swap(&mut *b, &mut self.wbuf);
             }
         }
-    }
-
-    /// One step of writing: write some bytes, flush, or wait until something is queued.
-    /// Cancel-safe: all progress is recorded in `self` as it happens. The future is three
-    /// references: [`Outbox::poll_progress`] keeps its state in `self`, so an idle
-    /// connection's task does not carry an async state machine for it.
-    fn progress<'a>(
-        &'a mut self,
-        out: &'a ConnOut,
-        shared: &'a Shared,
-    ) -> impl Future<Output = std::io::Result<()>> + 'a {
-        std::future::poll_fn(move |cx| self.poll_progress(cx, out, shared))
     }
 
     fn poll_progress(
@@ -854,28 +863,10 @@ impl Outbox {
             if n == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
-            self.unflushed = true;
-            bytes::Buf::advance(&mut self.wbuf, n);
-            shared
-                .stats
-                .bytes_sent
-                .fetch_add(n as u64, Ordering::Relaxed);
-            if out.pressured.load(Ordering::Acquire) & PRESSURE_OUTBOX != 0
-                && out.buf.lock().len() < shared.cfg.limits.max_outbound_buffer / 2
-            {
-                out.relieve(PRESSURE_OUTBOX);
-            }
+            self.wrote(n, out, shared);
             if self.wbuf.is_empty() {
                 // Done with this buffer: from now on new output must wake us.
                 out.writing.store(false, Ordering::SeqCst);
-                if self.wbuf.capacity() > 64 * 1024 && out.buf.lock().is_empty() {
-                    // After a large burst, do not keep its buffer for a connection that may
-                    // now go idle. Smaller buffers are kept: reallocating them on every batch
-                    // costs more than they weigh.
-                    self.wbuf = BytesMut::new();
-                } else {
-                    self.wbuf.clear();
-                }
                 self.refill(out);
                 if self.wbuf.is_empty() {
                     return Poll::Ready(Ok(()));
@@ -884,6 +875,94 @@ impl Outbox {
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Write what publishers queued, now, from the caller's task and without registering a
+    /// waker with the connection: true when all of it was written and flushed. False leaves
+    /// the rest here for the connection's task, which the caller must then wake (the no-op
+    /// waker this leaves with the socket is replaced as soon as that task polls it).
+    fn write_now(&mut self, out: &ConnOut, shared: &Shared) -> bool {
+        use std::task::Poll;
+        use tokio::io::AsyncWrite;
+        if !self.wbuf.is_empty() || self.unflushed {
+            // The connection's task is in the middle of a write: ours goes behind it.
+            return false;
+        }
+        self.refill(out);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while !self.wbuf.is_empty() {
+            match std::pin::Pin::new(&mut self.wr).poll_write(&mut cx, &self.wbuf) {
+                Poll::Ready(Ok(n)) if n > 0 => self.wrote(n, out, shared),
+                // Would block, or failed: the task retries and meets the error itself.
+                _ => return false,
+            }
+        }
+        match std::pin::Pin::new(&mut self.wr).poll_flush(&mut cx) {
+            Poll::Ready(Ok(())) => {
+                self.unflushed = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Account for `n` bytes written from the buffer.
+    fn wrote(&mut self, n: usize, out: &ConnOut, shared: &Shared) {
+        self.unflushed = true;
+        bytes::Buf::advance(&mut self.wbuf, n);
+        shared
+            .stats
+            .bytes_sent
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if out.pressured.load(Ordering::Acquire) & PRESSURE_OUTBOX != 0
+            && out.buf.lock().len() < shared.cfg.limits.max_outbound_buffer / 2
+        {
+            out.relieve(PRESSURE_OUTBOX);
+        }
+        if self.wbuf.is_empty() {
+            if self.wbuf.capacity() > 64 * 1024 && out.buf.lock().is_empty() {
+                // After a large burst, do not keep its buffer for a connection that may now go
+                // idle. Smaller buffers are kept: reallocating them on every batch costs more
+                // than they weigh.
+                self.wbuf = BytesMut::new();
+            } else {
+                self.wbuf.clear();
+            }
+        }
+    }
+}
+
+impl ConnOut {
+    /// One step of writing this connection's outbox: write some bytes, flush, or wait until
+    /// something is queued. Cancel-safe: all progress is recorded in the outbox as it
+    /// happens, so an idle connection's task does not carry an async state machine for it.
+    fn progress<'a>(
+        &'a self,
+        shared: &'a Shared,
+    ) -> impl Future<Output = std::io::Result<()>> + 'a {
+        std::future::poll_fn(move |cx| match self.outbox.lock().as_mut() {
+            Some(outbox) => outbox.poll_progress(cx, self, shared),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        })
+    }
+
+    /// Write queued output from the caller's task if the connection is idle (see
+    /// [`Outbox::write_now`]); false when its task must be woken to write it.
+    pub(crate) fn write_now(&self, shared: &Shared) -> bool {
+        if self.kick_reason.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        // Never wait: a connection that is writing picks the output up when it is done.
+        let Some(mut outbox) = self.outbox.try_lock() else {
+            return false;
+        };
+        let done = outbox
+            .as_mut()
+            .is_some_and(|outbox| outbox.write_now(self, shared));
+        if done {
+            shared.stats.written_through.fetch_add(1, Ordering::Relaxed);
+        }
+        done
     }
 }
 
@@ -906,16 +985,14 @@ struct Conn {
     rate_count: u32,
     /// Subscribers whose queues are above the high-water mark after our last PUBLISH.
     pressure: Vec<Arc<ConnOut>>,
-    outbox: Outbox,
+    /// Subscribers fed by the current read batch and not woken yet (see [`Touched`]).
+    touched: Touched,
     _count: ConnCount,
     rd: ReadHalf<Stream>,
     /// Bytes read and not yet decoded; empty (no allocation) while idle.
     rbuf: BytesMut,
     opts: DecodeOptions,
     keep_alive: u16,
-    /// A PUBLISH we acknowledge was handed to subscribers since the loop last yielded: let
-    /// their tasks write it before we write our PUBACK/PUBREC (see [`Conn::run`]).
-    ack_behind_delivery: bool,
 }
 
 type Flow = Result<(), (End, Option<ReasonCode>)>;
@@ -955,6 +1032,11 @@ impl Conn {
                     }
                 }
             }
+            // Before anything else (our own acks, pausing for pressure): the subscribers this
+            // batch fed get their messages, so delivery does not wait behind our acks.
+            if !self.touched.is_empty() {
+                self.touched.write_through(&self.shared);
+            }
             // Backpressure: a subscriber we feed is falling behind, so stop reading from this
             // publisher until it drains (bounded, after which its overflow policy applies).
             // Our own outbox keeps being written meanwhile: we may be that subscriber.
@@ -965,14 +1047,6 @@ impl Conn {
                 }
                 // Packets may already be buffered: decode them before waiting for the socket.
                 continue;
-            }
-            // Delivery before acknowledgement: the subscribers we just fed were woken on this
-            // worker; yielding once lets their tasks write the message before our own outbox
-            // writes the ack, so the end-to-end path does not wait behind our ack's syscall.
-            // (Acks are still sent after the routing they acknowledge: only the write order of
-            // two sockets changes.) Once per read batch, so a busy publisher pays one poll.
-            if std::mem::take(&mut self.ack_behind_delivery) {
-                tokio::task::yield_now().await;
             }
             // Shutdown, takeover and policy changes arrive as a kick that wakes the outbox (no
             // per-connection cancellation future or second Notify: idle connections stay small).
@@ -989,7 +1063,7 @@ impl Conn {
                 Some(ack) = next_ack(&mut self.pending) => {
                     self.finish_ack(ack);
                 }
-                r = self.outbox.progress(&self.out, &self.shared) => {
+                r = self.out.progress(&self.shared) => {
                     if r.is_err() {
                         return (End::WithWill, None);
                     }
@@ -1075,7 +1149,7 @@ impl Conn {
                         h.stuck.store(true, Ordering::Release);
                         break;
                     }
-                    r = self.outbox.progress(&self.out, &self.shared) => r?,
+                    r = self.out.progress(&self.shared) => r?,
                 }
             }
         }
@@ -1386,6 +1460,7 @@ impl Conn {
             &mut commits,
             &mut self.matches,
             &mut self.pressure,
+            Some(&mut self.touched),
         );
         if qos == QoS::ExactlyOnce
             && persistent
@@ -1395,9 +1470,6 @@ impl Conn {
                 client: self.client_id.to_string(),
                 packet_id: pid,
             }]));
-        }
-        if matched > 0 && qos != QoS::AtMostOnce {
-            self.ack_behind_delivery = true;
         }
         let code = if matched == 0 && self.protocol == Protocol::V5 {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
@@ -1576,7 +1648,7 @@ impl Conn {
         for d in deliveries {
             let _ = self
                 .shared
-                .deliver(&self.key.0, d, now, &mut commits, &mut drops);
+                .deliver(&self.key.0, d, now, &mut commits, &mut drops, None);
         }
         self.shared.report_drops(drops);
     }

@@ -25,8 +25,11 @@
 //! `{client_id, reason_code, reason, generation}` (a connected client the new snapshot forbids) or
 //! `{client_id, filter, reason}` (a subscription removed from a resumed session).
 //!
-//! The same counters are exported as Prometheus metrics (`meridian_*`) through a per-node
-//! recorder, so several nodes in one process (tests) never share a global recorder.
+//! The same counters are exported as Prometheus metrics (`meridian_*`), with one more:
+//! `meridian_writes_through_total`, the deliveries a publisher's task wrote straight to an idle
+//! subscriber's socket instead of waking the subscriber's task (the low-latency path). They go
+//! through a per-node recorder, so several nodes in one process (tests) never share a global
+//! recorder.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +58,8 @@ pub(crate) struct Stats {
     pub(crate) messages_sent: AtomicU64,
     pub(crate) bytes_received: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
+    /// Outbox writes a publisher's task did for an idle subscriber (`ConnOut::write_now`).
+    pub(crate) written_through: AtomicU64,
     pub(crate) connected: AtomicU64,
     pub(crate) connections_total: AtomicU64,
     pub(crate) connections_refused: AtomicU64,
@@ -107,6 +112,7 @@ pub(crate) fn metrics_renderer(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + 
             metrics::counter!("meridian_messages_sent_total").absolute(load(&s.messages_sent));
             metrics::counter!("meridian_bytes_received_total").absolute(load(&s.bytes_received));
             metrics::counter!("meridian_bytes_sent_total").absolute(load(&s.bytes_sent));
+            metrics::counter!("meridian_writes_through_total").absolute(load(&s.written_through));
             for (reason, n) in s.drops() {
                 metrics::counter!("meridian_messages_dropped_total", "reason" => reason)
                     .absolute(n);

@@ -960,6 +960,117 @@ async fn mqtts_listener_serves_mqtt_over_tls() {
     b.shutdown().await;
 }
 
+/// A message to an idle subscriber is written by the publisher's task (counted in
+/// `meridian_writes_through_total`), over TCP and TLS alike; a fan-out wider than the write-through
+/// bound wakes each subscriber instead. Either way every subscriber gets every message, in order.
+#[tokio::test]
+async fn lone_messages_are_written_through_and_a_wide_fan_out_wakes_subscribers() {
+    meridian_net::install_crypto_provider();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut config = cfg();
+    config.admin = Some("127.0.0.1:0".parse().unwrap());
+    config.listeners.push(meridian_broker::ListenerConfig {
+        url: "mqtts://127.0.0.1:0".into(),
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+        client_ca: None,
+    });
+    let (b, addr) = start(config).await;
+    let tls_addr = b.addr(meridian_broker::Transport::Tls).unwrap();
+    let admin = b.admin_addr().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+
+    let mut tcp_sub = Raw::connect(addr, "wt-tcp", Protocol::V5).await;
+    tcp_sub.subscribe("wt/tcp", QoS::AtLeastOnce).await;
+    let mut tls_sub = Raw::connect_tls(tls_addr, roots.clone(), "wt-tls", Protocol::V5).await;
+    tls_sub.subscribe("wt/tls", QoS::AtLeastOnce).await;
+    let mut fan = Vec::new();
+    for i in 0..8 {
+        let mut s = Raw::connect(addr, &format!("wt-fan-{i}"), Protocol::V311).await;
+        s.subscribe("wt/fan", QoS::AtMostOnce).await;
+        fan.push(s);
+    }
+    let mut publ = Raw::connect_tls(tls_addr, roots, "wt-pub", Protocol::V5).await;
+
+    let before = metric(admin, "meridian_writes_through_total").await;
+    const LONE: u16 = 5;
+    for pid in 1..=LONE {
+        for (topic, sub) in [("wt/tcp", &mut tcp_sub), ("wt/tls", &mut tls_sub)] {
+            let body = format!("{topic} {pid}");
+            publ.publish(topic, body.as_bytes(), QoS::AtLeastOnce, pid)
+                .await;
+            let m = sub.recv_publish().await.expect("delivered");
+            assert_eq!(m.payload, body.as_bytes());
+            sub.puback(m.packet_id).await;
+            assert!(sub.ping().await);
+            loop {
+                match publ.recv().await {
+                    Some(Packet::PubAck(a)) if a.packet_id == pid => break,
+                    Some(_) => continue,
+                    None => panic!("no PUBACK {pid} on {topic}"),
+                }
+            }
+        }
+    }
+    let lone = metric(admin, "meridian_writes_through_total").await - before;
+    // Each of these deliveries found its subscriber idle; allow one that met it mid-poll.
+    assert!(
+        lone >= f64::from(2 * LONE - 1) && lone <= f64::from(2 * LONE),
+        "{lone} of {} lone deliveries written through",
+        2 * LONE
+    );
+
+    // PUBLISHes and a DISCONNECT in one read: the loop ends mid-batch, the messages still go.
+    let mut last = Raw::connect(addr, "wt-last", Protocol::V311).await;
+    let mut batch = bytes::BytesMut::new();
+    const LAST: [&[u8]; 3] = [b"0", b"1", b"2"];
+    for body in LAST {
+        meridian_codec::encode(
+            &publish("wt/tcp", body, QoS::AtMostOnce, 0, false),
+            Protocol::V311,
+            &mut batch,
+        )
+        .unwrap();
+    }
+    meridian_codec::encode(
+        &Packet::Disconnect(Disconnect::default()),
+        Protocol::V311,
+        &mut batch,
+    )
+    .unwrap();
+    last.send_raw(&batch).await;
+    for body in LAST {
+        let m = tcp_sub
+            .recv_publish()
+            .await
+            .expect("delivered before the DISCONNECT");
+        assert_eq!(&m.payload[..], body);
+    }
+
+    let before = metric(admin, "meridian_writes_through_total").await;
+    for n in 0..3u8 {
+        publ.publish("wt/fan", &[n], QoS::AtMostOnce, 0).await;
+        assert!(publ.ping().await);
+    }
+    for s in &mut fan {
+        for n in 0..3u8 {
+            let m = s.recv_publish().await.expect("fan-out delivered");
+            assert_eq!(&m.payload[..], &[n]);
+        }
+    }
+    assert_eq!(
+        metric(admin, "meridian_writes_through_total").await,
+        before,
+        "a fan-out to 8 subscribers wakes them, it does not write through"
+    );
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn shutdown_disconnects_idle_and_busy_clients_with_0x8b_and_completes() {
     let (broker, addr) = start(cfg()).await;

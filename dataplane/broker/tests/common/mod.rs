@@ -28,8 +28,12 @@ pub async fn start(cfg: BrokerConfig) -> (RunningBroker, SocketAddr) {
     (b, addr)
 }
 
+/// A client byte stream: plain TCP or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct Raw {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Io>,
     pub buf: BytesMut,
     pub proto: Protocol,
 }
@@ -50,7 +54,7 @@ pub fn connect_packet(id: &str, proto: Protocol) -> Connect {
 impl Raw {
     pub async fn open(addr: SocketAddr, proto: Protocol) -> Raw {
         Raw {
-            stream: TcpStream::connect(addr).await.expect("tcp connect"),
+            stream: Box::new(TcpStream::connect(addr).await.expect("tcp connect")),
             buf: BytesMut::new(),
             proto,
         }
@@ -66,6 +70,36 @@ impl Raw {
         }
     }
 
+    /// Connect over TLS to `localhost` at `addr`, trusting `roots`.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        roots: rustls::RootCertStore,
+        id: &str,
+        proto: Protocol,
+    ) -> Raw {
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.expect("tcp connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake");
+        let mut raw = Raw {
+            stream: Box::new(tls),
+            buf: BytesMut::new(),
+            proto,
+        };
+        raw.send(Packet::Connect(Box::new(connect_packet(id, proto))))
+            .await;
+        match raw.recv().await {
+            Some(Packet::ConnAck(a)) => assert_eq!(a.reason_code.0, 0, "{a:?}"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        raw
+    }
+
     pub async fn connect(addr: SocketAddr, id: &str, proto: Protocol) -> Raw {
         let (raw, ack) = Raw::connect_with(addr, connect_packet(id, proto)).await;
         assert_eq!(ack.reason_code.0, 0, "{ack:?}");
@@ -76,10 +110,12 @@ impl Raw {
         let mut b = BytesMut::new();
         meridian_codec::encode(&p, self.proto, &mut b).expect("encode");
         self.stream.write_all(&b).await.expect("write");
+        self.stream.flush().await.expect("flush");
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
     }
 
     /// Next packet, or None on close/timeout.
@@ -209,4 +245,17 @@ pub async fn round_trip(addr: SocketAddr) -> bool {
     let mut publ = Raw::connect(addr, "rt-pub", Protocol::V311).await;
     publ.publish("rt/check", b"ok", QoS::AtLeastOnce, 1).await;
     matches!(sub.recv_publish().await, Some(p) if &p.payload[..] == b"ok")
+}
+
+/// The value of a counter or gauge (without labels) on the broker's admin `/metrics`.
+pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let mut http = TcpStream::connect(admin).await.expect("admin connect");
+    http.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
 }
