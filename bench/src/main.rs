@@ -60,7 +60,7 @@ struct Common {
     latency_rate: u64,
     /// Rounds of each latency scenario per broker (`compare`: interleaved across the brokers,
     /// each on a fresh broker; `run`: back to back), pooled into one histogram per broker.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     latency_rounds: u32,
     /// Connections in the idle scenario.
     #[arg(long, default_value_t = 10_000)]

@@ -170,6 +170,29 @@ impl Results {
                     cell_text(mer, a, f),
                 );
             }
+            // With pooled rounds, how far apart the rounds were: a verdict inside this spread
+            // is a tie that one more round could flip.
+            let spread = |c: &Cell| {
+                let o = c.outcome()?;
+                let lo = o.round_p99_us.iter().copied().reduce(f64::min)?;
+                let hi = o.round_p99_us.iter().copied().reduce(f64::max)?;
+                (o.round_p99_us.len() > 1).then(|| {
+                    format!(
+                        "{}–{} ({} rounds)",
+                        fmt_us(lo),
+                        fmt_us(hi),
+                        o.round_p99_us.len()
+                    )
+                })
+            };
+            if key.starts_with("lat-") && (spread(mer).is_some() || spread(mos).is_some()) {
+                let _ = writeln!(
+                    t,
+                    "| {label} | p99 of each round | {} | {} |  |  |  |",
+                    spread(mos).unwrap_or_else(|| "–".into()),
+                    spread(mer).unwrap_or_else(|| "–".into()),
+                );
+            }
         }
         t
     }

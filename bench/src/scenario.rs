@@ -139,6 +139,8 @@ pub(crate) struct Outcome {
     pub(crate) contract: Option<Contract>,
     /// Runs pooled into this outcome (1 unless [`Outcome::pool`] added more).
     pub(crate) rounds: u32,
+    /// Each pooled round's own p99 (µs), to show how far one round's verdict would move.
+    pub(crate) round_p99_us: Vec<f64>,
     /// The latency samples behind `latency_us`, kept so rounds can be pooled.
     #[serde(skip)]
     pub(crate) latency_hist: Option<Box<Histogram<u64>>>,
@@ -185,6 +187,7 @@ impl Outcome {
             (None, Some(o)) => self.contract = Some(o),
             _ => {}
         }
+        self.round_p99_us.extend(other.round_p99_us);
         self.rounds = self.rounds.max(1) + other.rounds.max(1);
         Ok(())
     }
@@ -563,6 +566,7 @@ impl Runner {
                 bail!("no message delivered, no latency");
             }
             out.latency_us = Some(percentiles(&hist));
+            out.round_p99_us = vec![hist.value_at_quantile(0.99) as f64];
             out.latency_hist = Some(Box::new(hist));
         }
         Ok(out)
@@ -925,6 +929,7 @@ mod tests {
         Outcome {
             rate: Some(10_000.0),
             latency_us: Some(percentiles(&h)),
+            round_p99_us: vec![h.value_at_quantile(0.99) as f64],
             latency_hist: Some(Box::new(h)),
             contract: Some(Contract {
                 qos: 1,
@@ -964,6 +969,9 @@ mod tests {
             Some("round of 1000; round of 1000")
         );
         assert_eq!(a.rounds, 2);
+        assert_eq!(a.round_p99_us.len(), 2);
+        assert_eq!(a.round_p99_us[0], 100.0);
+        assert!((4990.0..=5010.0).contains(&a.round_p99_us[1]));
 
         // A third quiet round dilutes the slow samples to 0.75%: p99 falls back.
         a.pool(latency_round(std::iter::repeat_n(100, 2000), 2000, 0))
