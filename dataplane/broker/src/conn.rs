@@ -21,7 +21,7 @@ use meridian_codec::{
 };
 use meridian_net::Accepted;
 use meridian_store::{Commit, Op};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::auth::AclAction;
 use crate::broker::{
@@ -170,7 +170,7 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
 
     // 2. Admission: connection quota, authentication, client identifier.
     let current = shared.connections.fetch_add(1, Ordering::AcqRel);
-    let count = ConnCount(shared.clone());
+    let admitted = Admitted(shared.clone());
     if current >= limits.max_connections {
         shared
             .stats
@@ -398,12 +398,11 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
 
     let meridian_codec::Connect { username, will, .. } = *connect;
     let conn = Conn {
-        shared,
+        shared: admitted,
         key: SessionKey(handle),
         out,
         protocol,
         generation,
-        client_id,
         username,
         will: will.map(Box::new),
         pending: None,
@@ -412,7 +411,6 @@ async fn handshake(shared: Arc<Shared>, acc: Accepted, slot: Option<u32>) -> Opt
         rate_count: 0,
         pressure: Vec::new(),
         touched: Touched::default(),
-        _count: count,
         rd,
         rbuf,
         opts,
@@ -475,7 +473,7 @@ impl Conn {
         });
         shared.event(
             "disconnected",
-            serde_json::json!({"client_id": &*self.client_id, "reason_code": code.0,
+            serde_json::json!({"client_id": &*self.key.0.client_id, "reason_code": code.0,
                 "reason": if reason.is_some() { reason_text(code) } else if end == End::Normal { "normal" } else { "connection closed" }}),
         );
         let will = self.will.take();
@@ -499,10 +497,49 @@ async fn next_ack(pending: &mut Option<Box<FuturesOrdered<AckFuture>>>) -> Optio
     }
 }
 
-struct ConnCount(Arc<Shared>);
-impl Drop for ConnCount {
+/// How much a connection with no room in its read buffer reads at once, onto the stack.
+const STACK_READ: usize = 2048;
+
+/// Reads what the socket has into `rbuf`. A buffer with no room (an idle connection's holds no
+/// allocation at all) is not given one while the connection waits: the read lands on the stack
+/// and only the bytes that arrived are copied in. A read that fills the room it had grows the
+/// buffer, so busy connections read in large chunks and idle ones stay small.
+fn read_some<'a>(
+    rd: &'a mut ReadHalf<Stream>,
+    rbuf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let room = rbuf.capacity() - rbuf.len();
+        let (n, filled) = if room > 0 {
+            let n = std::task::ready!(std::pin::pin!(rd.read_buf(rbuf)).poll(cx))?;
+            (n, n == room)
+        } else {
+            let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+            let mut buf = tokio::io::ReadBuf::uninit(&mut stack);
+            std::task::ready!(std::pin::Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
+            rbuf.extend_from_slice(buf.filled());
+            let n = buf.filled().len();
+            (n, n == STACK_READ)
+        };
+        if filled {
+            rbuf.reserve((n * 2).clamp(1024, 64 * 1024));
+        }
+        std::task::Poll::Ready(Ok(n))
+    })
+}
+
+/// The node, as held by an admitted connection: dropping it gives the connection's place in
+/// the `max_connections` quota back. [`Conn`] reaches the node through it (one pointer, not two).
+struct Admitted(Arc<Shared>);
+impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+impl std::ops::Deref for Admitted {
+    type Target = Arc<Shared>;
+    fn deref(&self) -> &Arc<Shared> {
+        &self.0
     }
 }
 
@@ -684,7 +721,7 @@ fn detach(
         if delay == 0 || session_ends_now {
             publish_will(
                 shared,
-                &conn.client_id,
+                &conn.key.0.client_id,
                 conn.username.as_deref(),
                 conn.out.guard.as_deref(),
                 will,
@@ -695,7 +732,7 @@ fn detach(
             let wait = delay.min(expiry);
             let s = shared.clone();
             let h = handle.clone();
-            let client = conn.client_id.clone();
+            let client = conn.key.0.client_id.clone();
             let user = conn.username.clone();
             let guard = conn.out.guard.clone();
             let gen_now = handle.inner.lock().generation;
@@ -967,14 +1004,13 @@ impl ConnOut {
 }
 
 struct Conn {
-    shared: Arc<Shared>,
+    shared: Admitted,
     /// The session (compared by identity in the router).
     key: SessionKey,
     out: Arc<ConnOut>,
     protocol: Protocol,
     /// The session generation this connection attached as (a takeover bumps it).
     generation: u64,
-    client_id: Arc<str>,
     username: Option<String>,
     /// Boxed: most clients have no will, and an idle connection should stay small.
     will: Option<Box<Will>>,
@@ -987,7 +1023,6 @@ struct Conn {
     pressure: Vec<Arc<ConnOut>>,
     /// Subscribers fed by the current read batch and not woken yet (see [`Touched`]).
     touched: Touched,
-    _count: ConnCount,
     rd: ReadHalf<Stream>,
     /// Bytes read and not yet decoded; empty (no allocation) while idle.
     rbuf: BytesMut,
@@ -1027,7 +1062,7 @@ impl Conn {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(client = %self.client_id, "decode error: {e}");
+                        tracing::debug!(client = %self.key.0.client_id, "decode error: {e}");
                         return (End::WithWill, Some(e.reason_code()));
                     }
                 }
@@ -1068,15 +1103,10 @@ impl Conn {
                         return (End::WithWill, None);
                     }
                 }
-                r = self.rd.read_buf(&mut self.rbuf), if reading => {
+                r = read_some(&mut self.rd, &mut self.rbuf), if reading => {
                     match r {
                         Ok(0) | Err(_) => return (End::WithWill, None),
                         Ok(n) => {
-                            // Grow the read buffer only for connections that fill it: idle
-                            // connections stay small, busy ones read in large chunks.
-                            if self.rbuf.capacity() == self.rbuf.len() {
-                                self.rbuf.reserve((n * 2).clamp(1024, 64 * 1024));
-                            }
                             self.shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             if ka.is_some() {
                                 last_read = tokio::time::Instant::now();
@@ -1226,7 +1256,7 @@ impl Conn {
                     && let Some(store) = &self.shared.store
                 {
                     commits.push(store.submit(vec![Op::DeleteInboundQos2 {
-                        client: self.client_id.to_string(),
+                        client: self.key.0.client_id.to_string(),
                         packet_id: r.packet_id,
                     }]));
                 }
@@ -1294,7 +1324,7 @@ impl Conn {
             .authentication_data
             .map(|d| d.to_vec())
             .unwrap_or_default();
-        crate::live::reauthenticate(&self.shared, &self.out, self.client_id.clone(), data);
+        crate::live::reauthenticate(&self.shared, &self.out, self.key.0.client_id.clone(), data);
         Ok(())
     }
 
@@ -1306,7 +1336,7 @@ impl Conn {
             let mut inner = self.key.0.inner.lock();
             inner.session.handle(ev, now_ms(), &mut actions);
             self.shared.apply(
-                &self.client_id,
+                &self.key.0.client_id,
                 &mut inner,
                 &mut actions,
                 &mut commits,
@@ -1358,7 +1388,7 @@ impl Conn {
             match inner.session.inbound_publish(&mut p) {
                 Ok(d) => (d, inner.session.persistent()),
                 Err(v) => {
-                    tracing::debug!(client = %self.client_id, "{}", v.message);
+                    tracing::debug!(client = %self.key.0.client_id, "{}", v.message);
                     return violation(v.reason);
                 }
             }
@@ -1380,7 +1410,7 @@ impl Conn {
         let allowed = !p.topic.starts_with('$')
             && self.shared.acl_allows(
                 AclAction::Publish,
-                &self.client_id,
+                &self.key.0.client_id,
                 self.username.as_deref(),
                 &p.topic,
             )
@@ -1389,7 +1419,7 @@ impl Conn {
             });
         if !allowed {
             self.shared.report_drops(vec![(
-                self.client_id.clone(),
+                self.key.0.client_id.clone(),
                 DropReason::NotAuthorized,
                 p.topic.clone(),
             )]);
@@ -1434,7 +1464,7 @@ impl Conn {
             return Ok(());
         }
 
-        if let Some(ns) = crate::tenant::namespace_of_key(&self.client_id) {
+        if let Some(ns) = crate::tenant::namespace_of_key(&self.key.0.client_id) {
             p.topic = crate::tenant::internal(ns, &p.topic);
         }
         if let Some(max) = self
@@ -1467,7 +1497,7 @@ impl Conn {
             && let Some(store) = &self.shared.store
         {
             commits.push(store.submit(vec![Op::PutInboundQos2 {
-                client: self.client_id.to_string(),
+                client: self.key.0.client_id.to_string(),
                 packet_id: pid,
             }]));
         }
@@ -1526,7 +1556,7 @@ impl Conn {
             }
             if !self.shared.acl_allows(
                 AclAction::Subscribe,
-                &self.client_id,
+                &self.key.0.client_id,
                 self.username.as_deref(),
                 inner_filter,
             ) || self.out.guard.as_deref().is_some_and(|g| {
@@ -1547,7 +1577,7 @@ impl Conn {
                 retain_handling: f.options.retain_handling,
                 subscription_id: sub_id,
             };
-            let filter = match crate::tenant::namespace_of_key(&self.client_id) {
+            let filter = match crate::tenant::namespace_of_key(&self.key.0.client_id) {
                 Some(ns) => crate::tenant::internal_filter(ns, &f.filter),
                 None => f.filter.clone(),
             };
@@ -1579,9 +1609,9 @@ impl Conn {
         }
         for (f, c) in s.filters.iter().zip(&codes) {
             let body = if c.is_error() {
-                serde_json::json!({"client_id": &*self.client_id, "filter": f.filter, "reason_code": c.0})
+                serde_json::json!({"client_id": &*self.key.0.client_id, "filter": f.filter, "reason_code": c.0})
             } else {
-                serde_json::json!({"client_id": &*self.client_id, "filter": f.filter, "qos": c.0})
+                serde_json::json!({"client_id": &*self.key.0.client_id, "filter": f.filter, "qos": c.0})
             };
             self.shared.event("subscribed", body);
         }
@@ -1658,7 +1688,7 @@ impl Conn {
         let mut handed = Vec::new();
         for visible in &u.filters {
             let internal;
-            let f = match crate::tenant::namespace_of_key(&self.client_id) {
+            let f = match crate::tenant::namespace_of_key(&self.key.0.client_id) {
                 Some(ns) => {
                     internal = crate::tenant::internal_filter(ns, visible);
                     &internal
@@ -1675,7 +1705,7 @@ impl Conn {
                     let mut commits = Vec::new();
                     let mut drops = Vec::new();
                     self.shared.apply(
-                        &self.client_id,
+                        &self.key.0.client_id,
                         &mut inner,
                         &mut actions,
                         &mut commits,
@@ -1690,7 +1720,7 @@ impl Conn {
             });
             self.shared.event(
                 "unsubscribed",
-                serde_json::json!({"client_id": &*self.client_id, "filter": visible}),
+                serde_json::json!({"client_id": &*self.key.0.client_id, "filter": visible}),
             );
         }
         self.shared.redeliver_shared(&self.key, handed);
@@ -1709,5 +1739,81 @@ impl Conn {
         });
         self.ack_after(ack, false, commits);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an idle connection holds, in bytes (the benchmark's `idle` row measures the sum,
+    /// ≤ 2 KB per connection is a target of issue 2). The connection task is one tokio cell
+    /// aligned to 128 bytes: with `Conn` at this budget the cell is 640 bytes, 16 more bytes
+    /// of `Conn` make it 768. Grow these only on purpose, and re-run the `idle` benchmark.
+    #[test]
+    fn idle_connection_state_stays_within_its_budget() {
+        assert!(
+            std::mem::size_of::<Conn>() <= 224,
+            "Conn is {} bytes",
+            std::mem::size_of::<Conn>()
+        );
+        assert!(
+            std::mem::size_of::<crate::broker::SessionHandle>() <= 208,
+            "SessionHandle is {} bytes",
+            std::mem::size_of::<crate::broker::SessionHandle>()
+        );
+        assert!(
+            std::mem::size_of::<ConnOut>() <= 152,
+            "ConnOut is {} bytes",
+            std::mem::size_of::<ConnOut>()
+        );
+    }
+
+    /// The read path over an in-memory pipe: nothing is allocated while waiting, a small read
+    /// allocates only what arrived, a read that fills its room grows the buffer, and bytes
+    /// arrive intact and in order across all of it.
+    #[tokio::test]
+    async fn reads_allocate_only_for_bytes_that_arrived_and_grow_when_filled() {
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let (mut rd, _wr) = tokio::io::split(Box::new(ours) as Stream);
+        let mut rbuf = BytesMut::new();
+
+        // Waiting: pending, and still no allocation.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        {
+            let mut f = std::pin::pin!(read_some(&mut rd, &mut rbuf));
+            assert!(f.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(
+            rbuf.capacity(),
+            0,
+            "a waiting connection holds no read buffer"
+        );
+
+        // A PINGREQ: two bytes, a small allocation, no growth.
+        peer.write_all(&[0xC0, 0x00]).await.unwrap();
+        assert_eq!(read_some(&mut rd, &mut rbuf).await.unwrap(), 2);
+        assert_eq!(&rbuf[..], &[0xC0, 0x00]);
+        assert!(rbuf.capacity() < 64, "capacity {}", rbuf.capacity());
+        rbuf.clear();
+
+        // A burst: the first read fills the stack buffer, so the buffer grows for the rest.
+        let burst: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&burst).await.unwrap();
+        let mut got = Vec::new();
+        let mut grew = false;
+        while got.len() < burst.len() {
+            let n = read_some(&mut rd, &mut rbuf).await.unwrap();
+            assert!(n > 0);
+            grew |= rbuf.capacity() >= 4096;
+            got.extend_from_slice(&rbuf);
+            rbuf.clear();
+        }
+        assert!(grew, "a busy connection reads in large chunks");
+        assert_eq!(got, burst);
+
+        // End of stream reads 0.
+        drop(peer);
+        assert_eq!(read_some(&mut rd, &mut rbuf).await.unwrap(), 0);
     }
 }

@@ -182,12 +182,23 @@ pub struct Session {
     queue: VecDeque<OutMsg>,
     next_pid: u16,
     next_seq: u64,
-    aliases_out: BTreeMap<String, u16>,
     // inbound
     server_receive_maximum: u16,
     inbound_pending: usize,
-    inbound_qos2: BTreeSet<u16>,
+    /// Topic aliases and inbound QoS 2 state: most sessions never use them, so they live in a
+    /// box created on first use (an idle session stays small; see docs/benchmarks.md).
+    sparse: Option<Box<Sparse>>,
+}
+
+/// The parts of a [`Session`] that only some clients use.
+#[derive(Debug, Default)]
+struct Sparse {
+    /// Outbound topic aliases we assigned (topic → alias), for this connection.
+    aliases_out: BTreeMap<String, u16>,
+    /// Inbound topic aliases the client set (alias → topic), for this connection.
     aliases_in: BTreeMap<u16, String>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL (kept across reconnects).
+    inbound_qos2: BTreeSet<u16>,
 }
 
 impl Session {
@@ -209,11 +220,9 @@ impl Session {
             queue: VecDeque::new(),
             next_pid: 1,
             next_seq: 1,
-            aliases_out: BTreeMap::new(),
             server_receive_maximum,
             inbound_pending: 0,
-            inbound_qos2: BTreeSet::new(),
-            aliases_in: BTreeMap::new(),
+            sparse: None,
         }
     }
 
@@ -236,7 +245,24 @@ impl Session {
 
     /// Inbound QoS 2 packet ids awaiting PUBREL.
     pub fn inbound_qos2_ids(&self) -> impl Iterator<Item = u16> + '_ {
-        self.inbound_qos2.iter().copied()
+        self.sparse
+            .iter()
+            .flat_map(|s| s.inbound_qos2.iter().copied())
+    }
+
+    fn sparse(&mut self) -> &mut Sparse {
+        self.sparse.get_or_insert_default()
+    }
+
+    /// A connection ends or starts: topic aliases are per connection ([MQTT-3.3.2-7]).
+    fn forget_aliases(&mut self) {
+        if let Some(s) = &mut self.sparse {
+            s.aliases_out.clear();
+            s.aliases_in.clear();
+            if s.inbound_qos2.is_empty() {
+                self.sparse = None;
+            }
+        }
     }
 
     /// Run one event.
@@ -245,8 +271,7 @@ impl Session {
             Event::Connected(limits) => self.on_connected(limits, now_ms, out),
             Event::Disconnected => {
                 self.limits = None;
-                self.aliases_out.clear();
-                self.aliases_in.clear();
+                self.forget_aliases();
                 self.inbound_pending = 0;
             }
             Event::Deliver(d) => self.deliver(d, now_ms, out),
@@ -299,8 +324,7 @@ impl Session {
 
     fn on_connected(&mut self, limits: ClientLimits, now_ms: u64, out: &mut Vec<Action>) {
         self.limits = Some(limits);
-        self.aliases_out.clear();
-        self.aliases_in.clear();
+        self.forget_aliases();
         self.inbound_pending = 0;
         // Resend in the order they were first sent ([MQTT-4.4.0-1]), with DUP.
         let mut inflight: Vec<&OutMsg> = self.inflight.values().collect();
@@ -502,12 +526,13 @@ impl Session {
             self.topic_prefix_len(),
         );
         if limits.protocol == Protocol::V5 && limits.topic_alias_maximum > 0 {
-            if let Some(&alias) = self.aliases_out.get(&p.topic) {
+            let aliases = &mut self.sparse().aliases_out;
+            if let Some(&alias) = aliases.get(&p.topic) {
                 p.properties.topic_alias = Some(alias);
                 p.topic = String::new();
-            } else if self.aliases_out.len() < usize::from(limits.topic_alias_maximum) {
-                let alias = self.aliases_out.len() as u16 + 1;
-                self.aliases_out.insert(p.topic.clone(), alias);
+            } else if aliases.len() < usize::from(limits.topic_alias_maximum) {
+                let alias = aliases.len() as u16 + 1;
+                aliases.insert(p.topic.clone(), alias);
                 p.properties.topic_alias = Some(alias);
             }
         }
@@ -590,7 +615,7 @@ impl Session {
 
     /// Restore an inbound QoS 2 id awaiting PUBREL.
     pub fn restore_inbound_qos2(&mut self, pid: u16) {
-        self.inbound_qos2.insert(pid);
+        self.sparse().inbound_qos2.insert(pid);
     }
 
     // ---- inbound ----
@@ -600,7 +625,7 @@ impl Session {
     pub fn inbound_publish(&mut self, p: &mut Publish) -> Result<Inbound, Violation> {
         if let Some(alias) = p.properties.topic_alias {
             if p.topic.is_empty() {
-                match self.aliases_in.get(&alias) {
+                match self.sparse.as_ref().and_then(|s| s.aliases_in.get(&alias)) {
                     Some(t) => p.topic.clone_from(t),
                     None => {
                         return Err(Violation {
@@ -610,7 +635,7 @@ impl Session {
                     }
                 }
             } else {
-                self.aliases_in.insert(alias, p.topic.clone());
+                self.sparse().aliases_in.insert(alias, p.topic.clone());
             }
         } else if p.topic.is_empty() {
             return Err(Violation {
@@ -621,7 +646,12 @@ impl Session {
         match p.qos {
             QoS::AtMostOnce => Ok(Inbound::Route),
             QoS::AtLeastOnce | QoS::ExactlyOnce => {
-                if p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.packet_id) {
+                if p.qos == QoS::ExactlyOnce
+                    && self
+                        .sparse
+                        .as_ref()
+                        .is_some_and(|s| s.inbound_qos2.contains(&p.packet_id))
+                {
                     return Ok(Inbound::Duplicate);
                 }
                 if self.inbound_pending >= usize::from(self.server_receive_maximum) {
@@ -632,7 +662,7 @@ impl Session {
                 }
                 self.inbound_pending += 1;
                 if p.qos == QoS::ExactlyOnce {
-                    self.inbound_qos2.insert(p.packet_id);
+                    self.sparse().inbound_qos2.insert(p.packet_id);
                 }
                 Ok(Inbound::Route)
             }
@@ -647,7 +677,10 @@ impl Session {
     /// A QoS 2 PUBREL arrived; returns true when the id was known (answer PUBCOMP either way,
     /// with 0x92 when unknown).
     pub fn inbound_pubrel(&mut self, pid: u16) -> bool {
-        let known = self.inbound_qos2.remove(&pid);
+        let known = self
+            .sparse
+            .as_mut()
+            .is_some_and(|s| s.inbound_qos2.remove(&pid));
         if known {
             self.inbound_pending = self.inbound_pending.saturating_sub(1);
         }
