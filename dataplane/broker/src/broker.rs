@@ -132,10 +132,6 @@ impl Touched {
         c.wake();
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.conns.is_empty() && !self.spilled
-    }
-
     /// End of the batch: write through to the subscribers held, waking those that are busy.
     pub(crate) fn write_through(&mut self, shared: &Shared) {
         self.spilled = false;
@@ -294,6 +290,13 @@ pub(crate) struct SessionHandle {
 /// Router key: a session, compared by identity.
 #[derive(Clone)]
 pub(crate) struct SessionKey(pub(crate) Arc<SessionHandle>);
+
+impl SessionKey {
+    /// The session's client identifier (namespaced for Event Grid tenants).
+    pub(crate) fn client_id(&self) -> &Arc<str> {
+        &self.0.client_id
+    }
+}
 
 impl PartialEq for SessionKey {
     fn eq(&self, other: &Self) -> bool {

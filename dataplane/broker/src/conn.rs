@@ -473,7 +473,7 @@ impl Conn {
         });
         shared.event(
             "disconnected",
-            serde_json::json!({"client_id": &*self.key.0.client_id, "reason_code": code.0,
+            serde_json::json!({"client_id": &**self.key.client_id(), "reason_code": code.0,
                 "reason": if reason.is_some() { reason_text(code) } else if end == End::Normal { "normal" } else { "connection closed" }}),
         );
         let will = self.will.take();
@@ -721,7 +721,7 @@ fn detach(
         if delay == 0 || session_ends_now {
             publish_will(
                 shared,
-                &conn.key.0.client_id,
+                conn.key.client_id(),
                 conn.username.as_deref(),
                 conn.out.guard.as_deref(),
                 will,
@@ -732,7 +732,7 @@ fn detach(
             let wait = delay.min(expiry);
             let s = shared.clone();
             let h = handle.clone();
-            let client = conn.key.0.client_id.clone();
+            let client = conn.key.client_id().clone();
             let user = conn.username.clone();
             let guard = conn.out.guard.clone();
             let gen_now = handle.inner.lock().generation;
@@ -1062,16 +1062,14 @@ impl Conn {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(client = %self.key.0.client_id, "decode error: {e}");
+                        tracing::debug!(client = %self.key.client_id(), "decode error: {e}");
                         return (End::WithWill, Some(e.reason_code()));
                     }
                 }
             }
             // Before anything else (our own acks, pausing for pressure): the subscribers this
             // batch fed get their messages, so delivery does not wait behind our acks.
-            if !self.touched.is_empty() {
-                self.touched.write_through(&self.shared);
-            }
+            self.touched.write_through(&self.shared);
             // Backpressure: a subscriber we feed is falling behind, so stop reading from this
             // publisher until it drains (bounded, after which its overflow policy applies).
             // Our own outbox keeps being written meanwhile: we may be that subscriber.
@@ -1256,7 +1254,7 @@ impl Conn {
                     && let Some(store) = &self.shared.store
                 {
                     commits.push(store.submit(vec![Op::DeleteInboundQos2 {
-                        client: self.key.0.client_id.to_string(),
+                        client: self.key.client_id().to_string(),
                         packet_id: r.packet_id,
                     }]));
                 }
@@ -1324,7 +1322,7 @@ impl Conn {
             .authentication_data
             .map(|d| d.to_vec())
             .unwrap_or_default();
-        crate::live::reauthenticate(&self.shared, &self.out, self.key.0.client_id.clone(), data);
+        crate::live::reauthenticate(&self.shared, &self.out, self.key.client_id().clone(), data);
         Ok(())
     }
 
@@ -1336,7 +1334,7 @@ impl Conn {
             let mut inner = self.key.0.inner.lock();
             inner.session.handle(ev, now_ms(), &mut actions);
             self.shared.apply(
-                &self.key.0.client_id,
+                self.key.client_id(),
                 &mut inner,
                 &mut actions,
                 &mut commits,
@@ -1388,7 +1386,7 @@ impl Conn {
             match inner.session.inbound_publish(&mut p) {
                 Ok(d) => (d, inner.session.persistent()),
                 Err(v) => {
-                    tracing::debug!(client = %self.key.0.client_id, "{}", v.message);
+                    tracing::debug!(client = %self.key.client_id(), "{}", v.message);
                     return violation(v.reason);
                 }
             }
@@ -1410,7 +1408,7 @@ impl Conn {
         let allowed = !p.topic.starts_with('$')
             && self.shared.acl_allows(
                 AclAction::Publish,
-                &self.key.0.client_id,
+                self.key.client_id(),
                 self.username.as_deref(),
                 &p.topic,
             )
@@ -1419,7 +1417,7 @@ impl Conn {
             });
         if !allowed {
             self.shared.report_drops(vec![(
-                self.key.0.client_id.clone(),
+                self.key.client_id().clone(),
                 DropReason::NotAuthorized,
                 p.topic.clone(),
             )]);
@@ -1464,7 +1462,7 @@ impl Conn {
             return Ok(());
         }
 
-        if let Some(ns) = crate::tenant::namespace_of_key(&self.key.0.client_id) {
+        if let Some(ns) = crate::tenant::namespace_of_key(self.key.client_id()) {
             p.topic = crate::tenant::internal(ns, &p.topic);
         }
         if let Some(max) = self
@@ -1497,7 +1495,7 @@ impl Conn {
             && let Some(store) = &self.shared.store
         {
             commits.push(store.submit(vec![Op::PutInboundQos2 {
-                client: self.key.0.client_id.to_string(),
+                client: self.key.client_id().to_string(),
                 packet_id: pid,
             }]));
         }
@@ -1556,7 +1554,7 @@ impl Conn {
             }
             if !self.shared.acl_allows(
                 AclAction::Subscribe,
-                &self.key.0.client_id,
+                self.key.client_id(),
                 self.username.as_deref(),
                 inner_filter,
             ) || self.out.guard.as_deref().is_some_and(|g| {
@@ -1577,7 +1575,7 @@ impl Conn {
                 retain_handling: f.options.retain_handling,
                 subscription_id: sub_id,
             };
-            let filter = match crate::tenant::namespace_of_key(&self.key.0.client_id) {
+            let filter = match crate::tenant::namespace_of_key(self.key.client_id()) {
                 Some(ns) => crate::tenant::internal_filter(ns, &f.filter),
                 None => f.filter.clone(),
             };
@@ -1609,9 +1607,9 @@ impl Conn {
         }
         for (f, c) in s.filters.iter().zip(&codes) {
             let body = if c.is_error() {
-                serde_json::json!({"client_id": &*self.key.0.client_id, "filter": f.filter, "reason_code": c.0})
+                serde_json::json!({"client_id": &**self.key.client_id(), "filter": f.filter, "reason_code": c.0})
             } else {
-                serde_json::json!({"client_id": &*self.key.0.client_id, "filter": f.filter, "qos": c.0})
+                serde_json::json!({"client_id": &**self.key.client_id(), "filter": f.filter, "qos": c.0})
             };
             self.shared.event("subscribed", body);
         }
@@ -1688,7 +1686,7 @@ impl Conn {
         let mut handed = Vec::new();
         for visible in &u.filters {
             let internal;
-            let f = match crate::tenant::namespace_of_key(&self.key.0.client_id) {
+            let f = match crate::tenant::namespace_of_key(self.key.client_id()) {
                 Some(ns) => {
                     internal = crate::tenant::internal_filter(ns, visible);
                     &internal
@@ -1705,7 +1703,7 @@ impl Conn {
                     let mut commits = Vec::new();
                     let mut drops = Vec::new();
                     self.shared.apply(
-                        &self.key.0.client_id,
+                        self.key.client_id(),
                         &mut inner,
                         &mut actions,
                         &mut commits,
@@ -1720,7 +1718,7 @@ impl Conn {
             });
             self.shared.event(
                 "unsubscribed",
-                serde_json::json!({"client_id": &*self.key.0.client_id, "filter": visible}),
+                serde_json::json!({"client_id": &**self.key.client_id(), "filter": visible}),
             );
         }
         self.shared.redeliver_shared(&self.key, handed);

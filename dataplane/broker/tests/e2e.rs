@@ -905,27 +905,15 @@ async fn slow_subscriber_pauses_the_publisher_instead_of_dropping() {
 async fn mqtts_listener_serves_mqtt_over_tls() {
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    meridian_net::install_crypto_provider();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let tls_fixture = localhost_tls();
     let mut config = cfg();
-    config.listeners = vec![meridian_broker::ListenerConfig {
-        url: "mqtts://127.0.0.1:0".into(),
-        tls_cert: Some(cert),
-        tls_key: Some(key),
-        client_ca: None,
-    }];
+    config.listeners = vec![tls_fixture.listener.clone()];
     let b = meridian_broker::Broker::start(config).await.unwrap();
     let addr = b
         .addr(meridian_broker::Transport::Tls)
         .expect("tls listener");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
     let client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
+        .with_root_certificates(tls_fixture.roots.clone())
         .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -965,25 +953,14 @@ async fn mqtts_listener_serves_mqtt_over_tls() {
 /// bound wakes each subscriber instead. Either way every subscriber gets every message, in order.
 #[tokio::test]
 async fn lone_messages_are_written_through_and_a_wide_fan_out_wakes_subscribers() {
-    meridian_net::install_crypto_provider();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let tls_fixture = localhost_tls();
     let mut config = cfg();
     config.admin = Some("127.0.0.1:0".parse().unwrap());
-    config.listeners.push(meridian_broker::ListenerConfig {
-        url: "mqtts://127.0.0.1:0".into(),
-        tls_cert: Some(cert),
-        tls_key: Some(key),
-        client_ca: None,
-    });
+    config.listeners.push(tls_fixture.listener.clone());
     let (b, addr) = start(config).await;
     let tls_addr = b.addr(meridian_broker::Transport::Tls).unwrap();
     let admin = b.admin_addr().unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
+    let roots = tls_fixture.roots.clone();
 
     let mut tcp_sub = Raw::connect(addr, "wt-tcp", Protocol::V5).await;
     tcp_sub.subscribe("wt/tcp", QoS::AtLeastOnce).await;

@@ -16,6 +16,35 @@ use tokio::net::TcpStream;
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// A self-signed `localhost` certificate written to a temporary directory: the `mqtts://`
+/// listener that serves it and the roots a client needs to trust it.
+pub struct LocalhostTls {
+    pub listener: meridian_broker::ListenerConfig,
+    pub roots: rustls::RootCertStore,
+    _dir: tempfile::TempDir,
+}
+
+pub fn localhost_tls() -> LocalhostTls {
+    meridian_net::install_crypto_provider();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    LocalhostTls {
+        listener: meridian_broker::ListenerConfig {
+            url: "mqtts://127.0.0.1:0".into(),
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            client_ca: None,
+        },
+        roots,
+        _dir: dir,
+    }
+}
+
 pub fn cfg() -> BrokerConfig {
     let mut c = BrokerConfig::ephemeral();
     c.sys_interval_secs = 0;
