@@ -255,10 +255,7 @@ async fn compare(
         };
         // Latency scenarios run in interleaved rounds (Mosquitto, Meridian, Mosquitto, ...), each
         // on a fresh broker, pooled per broker: a noisy stretch of time hits both, not one.
-        let rounds = match sc {
-            Scenario::Latency { .. } => s.latency_rounds.max(1),
-            _ => 1,
-        };
+        let rounds = sc.rounds(&s);
         for round in 1..=rounds {
             for &kind in &kinds {
                 if unavailable.contains(&kind) {
@@ -384,10 +381,7 @@ async fn run(a: RunArgs, subscriber_runtime: tokio::runtime::Handle) -> anyhow::
             sc.key(),
             subscriber_runtime.clone(),
         );
-        let rounds = match sc {
-            Scenario::Latency { .. } => s.latency_rounds.max(1),
-            _ => 1,
-        };
+        let rounds = sc.rounds(&s);
         let mut cell = Cell::NotRun;
         for round in 1..=rounds {
             if rounds > 1 {

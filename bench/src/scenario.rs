@@ -57,6 +57,15 @@ pub(crate) enum Scenario {
 }
 
 impl Scenario {
+    /// How many rounds a comparison runs of this scenario per broker: latency scenarios are
+    /// repeated (`--latency-rounds`) and pooled, the others run once.
+    pub(crate) fn rounds(&self, s: &Settings) -> u32 {
+        match self {
+            Scenario::Latency { .. } => s.latency_rounds.max(1),
+            _ => 1,
+        }
+    }
+
     pub(crate) fn key(&self) -> String {
         match self {
             Scenario::Throughput {
